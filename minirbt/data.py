@@ -1,0 +1,248 @@
+"""Stage 2: corpus lines + refs -> fixed-length chunks in an Arrow dataset.
+
+Each split (``train``, ``validation``) is built in three ``datasets`` steps, each
+cached by a fingerprint of its inputs:
+
+1. *lines*: every corpus line (the one definition of :mod:`minirbt.textio`) with
+   its ref, after checking that ref files and corpus files have the same number of
+   lines. Ref files made by MiniRBT's script (one per *non-blank* line) are
+   recognised by their count and aligned to the non-blank lines.
+2. *tokens*: each line tokenized exactly as stage 1 did (stripped, no special
+   tokens, no truncation), refs checked to lie inside their line
+   (``datasets.map`` with ``num_proc``).
+3. *chunks*: all lines of a split concatenated and cut into
+   ``[CLS] + (max_seq_length - 2) tokens + [SEP]``, refs re-based to each chunk, in
+   one linear streaming pass. The last, shorter chunk is kept. A ref that would be
+   a chunk's first token (its word began in the previous chunk) is dropped, so the
+   piece of the word inside the chunk is masked as a word of its own.
+
+The result is a ``DatasetDict`` saved with ``save_to_disk`` (written to a temporary
+folder, then renamed) plus ``minirbt_dataset.json`` describing how it was made.
+Re-running with the same inputs finds that manifest and does nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
+
+from minirbt import __version__
+from minirbt.textio import CorpusError, atomic_path, count_lines, is_blank, iter_lines, require_file
+from minirbt.tokenization import LineTokenizer, load_tokenizer, vocab_fingerprint
+
+MANIFEST = "minirbt_dataset.json"
+COLUMNS = ("input_ids", "chinese_ref")
+
+
+@dataclass
+class SplitSpec:
+    """Corpus files of one split and their ref files, in the same order."""
+
+    files: list[Path]
+    refs: list[Path]
+    alignment: list[str] = field(default_factory=list)  # per file: "lines" or "non-blank lines"
+
+
+def check_split(name: str, files: list[str | os.PathLike], refs: list[str | os.PathLike]) -> SplitSpec:
+    """Every file present and non-empty, one ref file per corpus file, same line counts."""
+    if len(files) != len(refs):
+        raise CorpusError(f"{name}: {len(files)} corpus files but {len(refs)} ref files (give one ref file per file)")
+    spec = SplitSpec([], [])
+    for f, r in zip(files, refs):
+        f = require_file(f, f"{name} corpus file")
+        r = require_file(r, f"{name} ref file for {f.name}", allow_empty=True)
+        n_lines, n_refs = count_lines(f), count_lines(r)
+        if n_refs == n_lines:
+            spec.alignment.append("lines")
+        else:
+            n_text = sum(1 for line in iter_lines(f, errors="replace") if not is_blank(line))
+            if n_refs == n_text:
+                spec.alignment.append("non-blank lines")
+            else:
+                raise CorpusError(
+                    f"{r} has {n_refs} refs but {f} has {n_lines} lines ({n_text} non-blank): the ref file "
+                    "does not belong to this corpus file, or one of them changed. Re-run run_chinese_ref.py.")
+        spec.files.append(f)
+        spec.refs.append(r)
+    return spec
+
+
+def _signature(spec: SplitSpec) -> list:
+    out = []
+    for f, r in zip(spec.files, spec.refs):
+        for p in (f, r):
+            st = p.stat()
+            out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _line_records(files: list[str], refs: list[str], alignment: list[str], errors: str) -> Iterator[dict]:
+    for index, (f, r, align) in enumerate(zip(files, refs, alignment)):
+        ref_lines = iter_lines(r)
+        for lineno, line in enumerate(iter_lines(f, errors=errors), start=1):
+            if align == "non-blank lines" and is_blank(line):
+                ref: list = []
+            else:
+                raw = next(ref_lines)
+                try:
+                    ref = json.loads(raw)
+                except json.JSONDecodeError:
+                    raise CorpusError(f"{r}: ref for {f}:{lineno} is not JSON: {raw[:80]!r}") from None
+                if not isinstance(ref, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ref):
+                    raise CorpusError(f"{r}: ref for {f}:{lineno} is not a list of integers: {raw[:80]!r}")
+            yield {"text": line, "chinese_ref": ref, "file": index, "line": lineno}
+
+
+_TOKENIZERS: dict[str, LineTokenizer] = {}
+
+
+def _tokenize(batch: dict, tokenizer_dir: str, files: list[str], refs: list[str]) -> dict:
+    lt = _TOKENIZERS.get(tokenizer_dir)
+    if lt is None:
+        lt = _TOKENIZERS[tokenizer_dir] = LineTokenizer(load_tokenizer(tokenizer_dir))
+    ids = lt.ids([t.strip() for t in batch["text"]])  # stripped, as stage 1 saw the line
+    for tokens, ref, fi, lineno in zip(ids, batch["chinese_ref"], batch["file"], batch["line"]):
+        n = len(tokens)
+        for r in ref:
+            if not 1 <= r <= n:
+                raise CorpusError(
+                    f"{refs[fi]}: ref position {r} for {files[fi]}:{lineno} is outside the line's {n} tokens "
+                    f"(valid: 1..{n}, [CLS] = 0). Were the refs made with another tokenizer?")
+    return {"input_ids": ids, "chinese_ref": batch["chinese_ref"]}
+
+
+def _chunks(tokens: Dataset, fingerprint: str, cls_id: int, sep_id: int, block: int) -> Iterator[dict]:
+    del fingerprint  # only part of the cache key
+    buf: list[int] = []
+    buf_refs: list[int] = []  # ascending positions in buf (0-based) that continue a word
+    for batch in tokens.iter(batch_size=1000):
+        for ids, ref in zip(batch["input_ids"], batch["chinese_ref"]):
+            offset = len(buf)
+            buf.extend(ids)
+            buf_refs.extend(offset + r - 1 for r in ref)
+            if len(buf) < block:
+                continue
+            start, k = 0, 0
+            while len(buf) - start >= block:
+                end = start + block
+                j = bisect.bisect_left(buf_refs, end, lo=k)
+                # chunk position = buffer position - start + 1 ([CLS] first); the first
+                # token of a chunk has no word head in it, so a ref there is dropped.
+                yield {"input_ids": [cls_id, *buf[start:end], sep_id],
+                       "chinese_ref": [p - start + 1 for p in buf_refs[k:j] if p > start]}
+                start, k = end, j
+            buf = buf[start:]
+            buf_refs = [p - start for p in buf_refs[k:]]
+    if buf:
+        yield {"input_ids": [cls_id, *buf, sep_id], "chinese_ref": [p + 1 for p in buf_refs if p > 0]}
+
+
+def _build_split(name: str, spec: SplitSpec, tokenizer_dir: str, vocab_id: str, max_seq_length: int,
+                 num_workers: int, errors: str, cache_dir: str | None) -> tuple[Dataset, dict]:
+    files = [str(f) for f in spec.files]
+    refs = [str(r) for r in spec.refs]
+    key = _fingerprint(__version__, _signature(spec), spec.alignment, errors)
+    lines = Dataset.from_generator(
+        _line_records,
+        gen_kwargs={"files": files, "refs": refs, "alignment": spec.alignment, "errors": errors},
+        features=Features({"text": Value("string"), "chinese_ref": Sequence(Value("int32")),
+                           "file": Value("int32"), "line": Value("int64")}),
+        cache_dir=cache_dir, fingerprint=f"lines-{key}", split="train",
+    )
+    num_proc = max(1, min(num_workers, len(lines) // 20_000))
+    tokens = lines.map(
+        _tokenize, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs={"tokenizer_dir": tokenizer_dir, "files": files, "refs": refs},
+        remove_columns=["text", "file", "line"], new_fingerprint=f"tokens-{key}-{vocab_id}",
+        features=Features({"input_ids": Sequence(Value("int32")), "chinese_ref": Sequence(Value("int32"))}),
+        desc=f"tokenizing {name}",
+    )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    chunks = Dataset.from_generator(
+        _chunks,
+        gen_kwargs={"tokens": tokens, "fingerprint": tokens._fingerprint, "cls_id": tokenizer.cls_token_id,
+                    "sep_id": tokenizer.sep_token_id, "block": max_seq_length - 2},
+        features=Features({"input_ids": Sequence(Value("int32")), "chinese_ref": Sequence(Value("int32"))}),
+        cache_dir=cache_dir, fingerprint=f"chunks-{key}-{vocab_id}-{max_seq_length}", split="train",
+    )
+    n_tokens = sum(len(x) for b in tokens.iter(batch_size=10_000) for x in b["input_ids"])
+    stats = {"files": files, "ref_files": refs, "alignment": spec.alignment, "lines": len(lines),
+             "tokens": n_tokens, "chunks": len(chunks)}
+    return chunks, stats
+
+
+def build_pretraining_dataset(
+    train_files: list[str | os.PathLike],
+    train_refs: list[str | os.PathLike],
+    tokenizer_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    max_seq_length: int = 512,
+    dev_files: list[str | os.PathLike] | None = None,
+    dev_refs: list[str | os.PathLike] | None = None,
+    num_workers: int = 1,
+    errors: str = "strict",
+    cache_dir: str | None = None,
+) -> dict:
+    """Build (or find up to date) the chunked dataset; returns its manifest."""
+    if max_seq_length < 8:
+        raise CorpusError(f"--max_seq_length must be at least 8, got {max_seq_length}")
+    tokenizer = load_tokenizer(tokenizer_dir)  # clear error for a folder without a vocab
+    splits = {"train": check_split("train", train_files, train_refs)}
+    if dev_files:
+        splits["validation"] = check_split("dev", dev_files, dev_refs or [])
+    elif dev_refs:
+        raise CorpusError("--dev_ref_file given without --dev_file")
+    vocab_id = vocab_fingerprint(tokenizer)
+    request = {
+        "version": __version__,
+        "max_seq_length": max_seq_length,
+        "vocab": vocab_id,
+        "errors": errors,
+        "inputs": {name: [_signature(s), s.alignment] for name, s in splits.items()},
+    }
+    output_dir = Path(output_dir)
+    manifest_path = output_dir / MANIFEST
+    if manifest_path.is_file():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("request") == request:
+            old["reused"] = True
+            return old
+
+    built, stats = {}, {}
+    for name, spec in splits.items():
+        built[name], stats[name] = _build_split(name, spec, str(tokenizer_dir), vocab_id, max_seq_length,
+                                                num_workers, errors, cache_dir)
+    manifest = {"request": request, "splits": stats, "columns": list(COLUMNS),
+                "tokenizer": str(Path(tokenizer_dir).resolve()), "reused": False}
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        DatasetDict(built).save_to_disk(str(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def load_pretraining_dataset(path: str | os.PathLike) -> DatasetDict:
+    """Load a folder made by :func:`build_pretraining_dataset`, checking it is one."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise CorpusError(f"{path} is not a dataset made by pretraining/my_datasets.py (no {MANIFEST})")
+    ds = datasets.load_from_disk(str(path))
+    for name, split in ds.items():
+        missing = [c for c in COLUMNS if c not in split.column_names]
+        if missing:
+            raise CorpusError(f"{path}: split {name!r} lacks columns {missing}")
+    return ds

@@ -1,0 +1,268 @@
+"""Whole-word-mask reference files ("refs"): stage 1 of the recipe.
+
+The ref of a line is the sorted list of token positions (``[CLS]`` = 0) whose token
+is a non-first character of a Chinese word. Exactly the algorithm of the Hugging
+Face / MiniRBT ``run_chinese_ref.py`` (kept below as :func:`reference_ref` to test
+against):
+
+1. the segmenter's words of the line that are longer than one character and made
+   only of CJK characters form a *set*;
+2. scanning the BERT tokens left to right, at each token that is CJK the longest
+   run of following tokens whose concatenation is in the set is a word (greedy,
+   longest first); its tokens after the first are marked;
+3. marked tokens that are a single CJK character are the ref (as are tokens the
+   tokenizer itself wrote as ``##`` + one CJK character).
+
+Unlike the reference script, lines are never truncated: a line longer than 512
+tokens gets its whole ref, and stage 2 cuts it into chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from minirbt.segmentation import Segmenter
+from minirbt.textio import CorpusError, atomic_path, count_lines, iter_lines, require_file
+from minirbt.tokenization import (
+    CJK_CLASS,
+    CJK_RUN,
+    HASH_CJK,
+    MULTI_CJK,
+    LineTokenizer,
+    is_cjk_char,
+    token_chars,
+)
+
+
+def is_cjk_word(word: str) -> bool:
+    """True when every character is CJK (the empty string counts, as in the reference)."""
+    return CJK_RUN.fullmatch(word) is not None
+
+
+# Words joined by a lone surrogate, which decoded text can never contain.
+_WORD_SEP = "\ud800"
+_MASKABLE_WORD = re.compile(f"(?:^|(?<={_WORD_SEP}))[{CJK_CLASS}]{{2,}}(?={_WORD_SEP}|$)")
+
+
+def chinese_words(words: Iterable[str]) -> set[str]:
+    """The words that can be whole-word masked: longer than one character, all CJK."""
+    return set(_MASKABLE_WORD.findall(_WORD_SEP.join(words)))
+
+
+def whole_word_ref(tokens: list[str] | str, words: Iterable[str]) -> list[int]:
+    """Ref positions of one line: the same result as :func:`reference_ref`, ~5x faster.
+
+    ``tokens`` is the token list or its token characters (one character per token,
+    see :func:`minirbt.tokenization.token_chars`). Every occurrence of every word is
+    found with ``str.find``; scanning the occurrences left to right and taking the
+    longest word at each position not inside the previous match is exactly the
+    reference's greedy longest match (a window holding a non-CJK token can never
+    join to an all-CJK word). A tokenizer that emits multi-character CJK tokens takes
+    the reference path.
+    """
+    line = tokens if isinstance(tokens, str) else token_chars(tokens)
+    if MULTI_CJK in line:
+        return reference_ref(list(tokens), words)
+    ref: list[int] = []
+    longest: dict[int, int] = {}
+    find = line.find
+    for word in chinese_words(words):
+        n = len(word)
+        i = find(word)
+        while i != -1:
+            if longest.get(i, 0) < n:
+                longest[i] = n
+            i = find(word, i + 1)
+    start = 0
+    for pos in sorted(longest):
+        if pos >= start:
+            n = longest[pos]
+            ref.extend(range(pos + 1, pos + n))
+            start = pos + n
+    if HASH_CJK in line:
+        # Tokens the tokenizer itself wrote as ## + one CJK character count too
+        # (never produced with BERT's Chinese handling; kept for exactness).
+        ref = sorted(set(ref) | {i for i, c in enumerate(line) if c == HASH_CJK})
+    return ref
+
+
+def reference_ref(tokens: list[str], words: Iterable[str]) -> list[int]:
+    """The reference algorithm, transcribed from the Hugging Face script (for tests/bench)."""
+    chinese_word_set = {w for w in set(words) if len(w) > 1 and is_cjk_word(w)}
+    bert_word = list(tokens)
+    if chinese_word_set:
+        max_word_len = max(len(w) for w in chinese_word_set)
+        start, end = 0, len(bert_word)
+        while start < end:
+            single_word = True
+            if is_cjk_word(bert_word[start]):
+                length = min(end - start, max_word_len)
+                for i in range(length, 1, -1):
+                    whole_word = "".join(bert_word[start : start + i])
+                    if whole_word in chinese_word_set:
+                        for j in range(start + 1, start + i):
+                            bert_word[j] = "##" + bert_word[j]
+                        start = start + i
+                        single_word = False
+                        break
+            if single_word:
+                start += 1
+    ref_id = []
+    for i, token in enumerate(bert_word):
+        if token[:2] == "##":
+            clean_token = token[2:]
+            if len(clean_token) == 1 and is_cjk_char(ord(clean_token)):
+                ref_id.append(i)
+    return ref_id
+
+
+def reference_prepare_ref(lines: list[str], segment: Callable[[list[str]], list[list[str]]],
+                          tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The Hugging Face / MiniRBT script's ``prepare_ref``, step by step (for tests/bench).
+
+    Segmentation in batches of 100, the tokenizer on batches of 100 with truncation
+    at 512, ids turned back into tokens one at a time, ``##`` marking in Python.
+    ``lines`` are the stripped, non-blank lines, as that script feeds them.
+    """
+    words = []
+    for i in range(0, len(lines), 100):
+        words.extend(segment(lines[i : i + 100]))
+    ids = []
+    for i in range(0, len(lines), 100):
+        ids.extend(tokenizer(lines[i : i + 100], add_special_tokens=True, truncation=True, max_length=512)["input_ids"])
+    return [reference_ref([tokenizer.convert_ids_to_tokens(t) for t in line_ids], line_words)
+            for line_ids, line_words in zip(ids, words)]
+
+
+class RefBuilder:
+    """Segment + tokenize + ref, for batches of lines."""
+
+    def __init__(self, line_tokenizer: LineTokenizer, segmenter: Segmenter, memo_size: int = 50_000):
+        self.line_tokenizer = line_tokenizer
+        self.segmenter = segmenter
+        # Identical lines (frequent in web corpora) get identical refs: remember recent ones.
+        self._memo: dict[str, list[int]] = {}
+        self.memo_size = memo_size
+
+    def refs(self, lines: list[str]) -> list[list[int]]:
+        # As the reference script: the segmenter and the tokenizer see the stripped line.
+        stripped = [line.strip() for line in lines]
+        out: list[list[int] | None] = [self._memo.get(s) if s else [] for s in stripped]
+        todo_idx = [i for i, r in enumerate(out) if r is None]
+        todo = list(dict.fromkeys(stripped[i] for i in todo_idx))
+        if todo:
+            words = self.segmenter.segment(todo)
+            if len(words) != len(todo):
+                raise RuntimeError(f"segmenter returned {len(words)} results for {len(todo)} lines")
+            tokens = self.line_tokenizer.token_chars(todo)
+            fresh = {s: whole_word_ref(t, w) for s, t, w in zip(todo, tokens, words)}
+            if len(self._memo) + len(fresh) > self.memo_size:
+                self._memo.clear()
+            self._memo.update(fresh)
+            for i in todo_idx:
+                out[i] = fresh[stripped[i]]
+        return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- files, in parallel
+
+_WORKER_BUILDER: RefBuilder | None = None
+
+
+def _worker_init() -> None:
+    os.environ["RAYON_NUM_THREADS"] = "1"  # LTP's Rust thread pool: one thread per worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _work(block: list[str]) -> str:
+    assert _WORKER_BUILDER is not None
+    refs = _WORKER_BUILDER.refs(block)
+    return "".join(json.dumps(r, separators=(", ", ": ")) + "\n" for r in refs)
+
+
+@dataclass
+class RefStats:
+    lines: int
+    seconds: float
+
+    @property
+    def lines_per_s(self) -> float:
+        return self.lines / max(self.seconds, 1e-9)
+
+
+def _blocks(path: Path, block_lines: int, errors: str) -> Iterator[list[str]]:
+    block: list[str] = []
+    for line in iter_lines(path, errors=errors):
+        block.append(line)
+        if len(block) == block_lines:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def write_ref_file(
+    builder: RefBuilder,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    num_workers: int = 1,
+    block_lines: int = 2000,
+    errors: str = "strict",
+    progress: bool = True,
+) -> RefStats:
+    """Write one ref line per corpus line of ``input_path`` (atomically)."""
+    global _WORKER_BUILDER
+    input_path = require_file(input_path, "corpus file", allow_empty=True)
+    total = count_lines(input_path)
+    t0 = time.perf_counter()
+    written = 0
+    bar = tqdm(total=total, unit=" lines", desc=f"refs {input_path.name}", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        blocks = _blocks(input_path, block_lines, errors)
+        if num_workers <= 1:
+            _WORKER_BUILDER = builder
+            for block in blocks:
+                out.write(_work(block))
+                written += len(block)
+                bar.update(len(block))
+        else:
+            # fork: workers share the loaded tokenizer and segmenter copy-on-write.
+            _WORKER_BUILDER = builder
+            ctx = mp.get_context("fork" if sys.platform != "win32" else "spawn")
+            with ctx.Pool(num_workers, initializer=_worker_init) as pool:
+                pending: deque = deque()
+                for block in blocks:  # at most 2 blocks per worker in flight: bounded memory
+                    pending.append((len(block), pool.apply_async(_work, (block,))))
+                    while len(pending) >= 2 * num_workers:
+                        n, res = pending.popleft()
+                        out.write(res.get())
+                        written += n
+                        bar.update(n)
+                while pending:
+                    n, res = pending.popleft()
+                    out.write(res.get())
+                    written += n
+                    bar.update(n)
+        out.flush()
+        if written != total:
+            raise CorpusError(f"{input_path}: read {written} lines but the file has {total}; was it modified?")
+    bar.close()
+    return RefStats(written, time.perf_counter() - t0)
+
+
+def ref_name(corpus_file: Path) -> str:
+    """MiniRBT's naming: ``<stem>_ref.txt``."""
+    return f"{corpus_file.stem}_ref.txt"

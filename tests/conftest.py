@@ -1,0 +1,79 @@
+"""Shared fixtures: a real Chinese vocab, a locally trained LTP model, real text."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the project's command-line scripts the way a user does."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real test data missing: {SHARED_DATA} (the checkout needs ../shared beside it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(tmp_path_factory) -> Path:
+    from minirbt.tokenization import save_tokenizer
+
+    return save_tokenizer(tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_dir):
+    from minirbt.tokenization import load_tokenizer
+
+    return load_tokenizer(vocab_dir)
+
+
+@pytest.fixture(scope="session")
+def ltp_dir(tmp_path_factory) -> Path:
+    """An LTP perceptron CWS model trained here (1 epoch on People's Daily 1998)."""
+    from minirbt.segmentation import train_ltp_cws
+
+    out = tmp_path_factory.mktemp("ltp") / "ltp_cws"
+    train_ltp_cws(out, epochs=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_lines(shared_data) -> list[str]:
+    """Reviews, NLI sentences and reading-comprehension contexts: ~4,000 real lines."""
+    lines: list[str] = []
+    with open(shared_data / "chnsenticorp" / "ChnSentiCorp_htl_all.csv", encoding="utf-8", newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if i % 5 == 0:
+                lines += (row["review"] or "").split("\n")
+    with open(shared_data / "ocnli" / "dev.json", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % 3 == 0:
+                row = json.loads(line)
+                lines += [row["sentence1"], row["sentence2"]]
+    doc = json.loads((shared_data / "cmrc2018" / "trial.json").read_text(encoding="utf-8"))
+    for d in doc["data"][:60]:
+        for p in d["paragraphs"]:
+            lines.append(p["context"].replace("\n", " "))
+            lines += [q["question"] for q in p["qas"]]
+    return lines
