@@ -24,6 +24,7 @@ Re-running with the same inputs finds that manifest and does nothing.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import os
@@ -149,11 +150,33 @@ def _chunks(tokens: Dataset, fingerprint: str, cls_id: int, sep_id: int, block: 
         yield {"input_ids": [cls_id, *buf, sep_id], "chinese_ref": [p + 1 for p in buf_refs if p > 0]}
 
 
+@contextlib.contextmanager
+def _corpus_errors() -> Iterator[None]:
+    """``datasets`` wraps errors raised in generators; give the user ours back."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unchanged unless one of ours is inside
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, CorpusError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None and cause is not e:
+            raise cause from None
+        raise
+
+
 def _build_split(name: str, spec: SplitSpec, tokenizer_dir: str, vocab_id: str, max_seq_length: int,
                  num_workers: int, errors: str, cache_dir: str | None) -> tuple[Dataset, dict]:
     files = [str(f) for f in spec.files]
     refs = [str(r) for r in spec.refs]
     key = _fingerprint(__version__, _signature(spec), spec.alignment, errors)
+    with _corpus_errors():
+        return _build_split_steps(name, files, refs, spec, key, tokenizer_dir, vocab_id, max_seq_length,
+                                  num_workers, errors, cache_dir)
+
+
+def _build_split_steps(name: str, files: list[str], refs: list[str], spec: SplitSpec, key: str,
+                       tokenizer_dir: str, vocab_id: str, max_seq_length: int, num_workers: int, errors: str,
+                       cache_dir: str | None) -> tuple[Dataset, dict]:
     lines = Dataset.from_generator(
         _line_records,
         gen_kwargs={"files": files, "refs": refs, "alignment": spec.alignment, "errors": errors},

@@ -19,11 +19,8 @@ tokens gets its whole ref, and stage 2 cuts it into chunks.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import re
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,15 +30,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from minirbt.segmentation import Segmenter
+from minirbt.segmentation import Segmenter, make_segmenter
 from minirbt.textio import CorpusError, atomic_path, count_lines, iter_lines, require_file
 from minirbt.tokenization import (
-    CJK_CLASS,
     CJK_RUN,
     HASH_CJK,
     MULTI_CJK,
     LineTokenizer,
     is_cjk_char,
+    load_tokenizer,
     token_chars,
 )
 
@@ -51,14 +48,27 @@ def is_cjk_word(word: str) -> bool:
     return CJK_RUN.fullmatch(word) is not None
 
 
-# Words joined by a lone surrogate, which decoded text can never contain.
-_WORD_SEP = "\ud800"
-_MASKABLE_WORD = re.compile(f"(?:^|(?<={_WORD_SEP}))[{CJK_CLASS}]{{2,}}(?={_WORD_SEP}|$)")
+_MASKABLE: dict[str, bool] = {}  # word -> longer than one character and all CJK (a cache)
 
 
 def chinese_words(words: Iterable[str]) -> set[str]:
     """The words that can be whole-word masked: longer than one character, all CJK."""
-    return set(_MASKABLE_WORD.findall(_WORD_SEP.join(words)))
+    out = set()
+    cache = _MASKABLE
+    for w in words:
+        ok = cache.get(w)
+        if ok is None:
+            if len(cache) > 2_000_000:
+                cache.clear()
+            ok = cache[w] = len(w) > 1 and CJK_RUN.fullmatch(w) is not None
+        if ok:
+            out.add(w)
+    return out
+
+
+def format_refs(refs: list[list[int]]) -> str:
+    """Ref lines as written to ref files: ``[2, 4, 6]`` (JSON; ``str`` of an int list is the same text)."""
+    return "".join(f"{r}\n" for r in refs)
 
 
 def whole_word_ref(tokens: list[str] | str, words: Iterable[str]) -> list[int]:
@@ -178,18 +188,36 @@ class RefBuilder:
 
 # ---------------------------------------------------------------- files, in parallel
 
+
+@dataclass(frozen=True)
+class RefSpec:
+    """What a worker process needs to build its own :class:`RefBuilder`."""
+
+    tokenizer: str
+    segmenter: str = "jieba"
+    ltp_model: str | None = None
+    user_dict: str | None = None
+    device: str = "cpu"
+
+    def build(self) -> RefBuilder:
+        return RefBuilder(LineTokenizer(load_tokenizer(self.tokenizer)),
+                          make_segmenter(self.segmenter, self.ltp_model, self.user_dict, device=self.device))
+
+
 _WORKER_BUILDER: RefBuilder | None = None
 
 
-def _worker_init() -> None:
+def _worker_init(spec: RefSpec) -> None:
+    global _WORKER_BUILDER
     os.environ["RAYON_NUM_THREADS"] = "1"  # LTP's Rust thread pool: one thread per worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_BUILDER = spec.build()
 
 
 def _work(block: list[str]) -> str:
     assert _WORKER_BUILDER is not None
     refs = _WORKER_BUILDER.refs(block)
-    return "".join(json.dumps(r, separators=(", ", ": ")) + "\n" for r in refs)
+    return format_refs(refs)
 
 
 @dataclass
@@ -213,40 +241,66 @@ def _blocks(path: Path, block_lines: int, errors: str) -> Iterator[list[str]]:
         yield block
 
 
-def write_ref_file(
-    builder: RefBuilder,
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    num_workers: int = 1,
-    block_lines: int = 2000,
-    errors: str = "strict",
-    progress: bool = True,
-) -> RefStats:
-    """Write one ref line per corpus line of ``input_path`` (atomically)."""
-    global _WORKER_BUILDER
-    input_path = require_file(input_path, "corpus file", allow_empty=True)
-    total = count_lines(input_path)
-    t0 = time.perf_counter()
-    written = 0
-    bar = tqdm(total=total, unit=" lines", desc=f"refs {input_path.name}", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
-    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        blocks = _blocks(input_path, block_lines, errors)
-        if num_workers <= 1:
-            _WORKER_BUILDER = builder
-            for block in blocks:
-                out.write(_work(block))
-                written += len(block)
-                bar.update(len(block))
+class RefWriter:
+    """Writes ref files, one line per corpus line, with a pool of worker processes.
+
+    Workers start from a clean fork server (never by forking a process whose
+    threads - LTP's and the tokenizer's Rust pools, torch's - might hold locks),
+    each loading its own tokenizer and segmenter once; the pool serves every file.
+    At most two blocks per worker are in flight, so memory stays bounded whatever
+    the corpus size.
+    """
+
+    def __init__(self, spec: RefSpec | RefBuilder, num_workers: int = 1, block_lines: int = 2000,
+                 errors: str = "strict", progress: bool = True):
+        if num_workers > 1 and not isinstance(spec, RefSpec):
+            raise ValueError("worker processes need a RefSpec to build their own RefBuilder")
+        self.spec = spec
+        self.num_workers = num_workers
+        self.block_lines = block_lines
+        self.errors = errors
+        self.progress = progress
+        self._pool = None
+        self._builder: RefBuilder | None = None
+
+    def __enter__(self) -> RefWriter:
+        if self.num_workers > 1:
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+            ctx = mp.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload(["minirbt.refs", "minirbt.segmentation"])
+            self._pool = ctx.Pool(self.num_workers, initializer=_worker_init, initargs=(self.spec,))
         else:
-            # fork: workers share the loaded tokenizer and segmenter copy-on-write.
-            _WORKER_BUILDER = builder
-            ctx = mp.get_context("fork" if sys.platform != "win32" else "spawn")
-            with ctx.Pool(num_workers, initializer=_worker_init) as pool:
+            self._builder = self.spec.build() if isinstance(self.spec, RefSpec) else self.spec
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def write(self, input_path: str | os.PathLike, output_path: str | os.PathLike) -> RefStats:
+        """Write the ref file of one corpus file (atomically: complete or absent)."""
+        input_path = require_file(input_path, "corpus file", allow_empty=True)
+        total = count_lines(input_path)
+        t0 = time.perf_counter()
+        written = 0
+        bar = tqdm(total=total, unit=" lines", desc=f"refs {input_path.name}", disable=not self.progress,
+                   dynamic_ncols=True, smoothing=0.1)
+        with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            blocks = _blocks(input_path, self.block_lines, self.errors)
+            if self._pool is None:
+                assert self._builder is not None, "use RefWriter as a context manager"
+                for block in blocks:
+                    out.write(format_refs(self._builder.refs(block)))
+                    written += len(block)
+                    bar.update(len(block))
+            else:
                 pending: deque = deque()
-                for block in blocks:  # at most 2 blocks per worker in flight: bounded memory
-                    pending.append((len(block), pool.apply_async(_work, (block,))))
-                    while len(pending) >= 2 * num_workers:
+                for block in blocks:
+                    pending.append((len(block), self._pool.apply_async(_work, (block,))))
+                    while len(pending) >= 2 * self.num_workers:
                         n, res = pending.popleft()
                         out.write(res.get())
                         written += n
@@ -256,11 +310,19 @@ def write_ref_file(
                     out.write(res.get())
                     written += n
                     bar.update(n)
-        out.flush()
-        if written != total:
-            raise CorpusError(f"{input_path}: read {written} lines but the file has {total}; was it modified?")
-    bar.close()
-    return RefStats(written, time.perf_counter() - t0)
+            out.flush()
+            if written != total:
+                raise CorpusError(f"{input_path}: read {written} lines but the file has {total}; was it modified?")
+        bar.close()
+        return RefStats(written, time.perf_counter() - t0)
+
+
+def write_ref_file(spec: RefSpec | RefBuilder, input_path: str | os.PathLike, output_path: str | os.PathLike,
+                   num_workers: int = 1, block_lines: int = 2000, errors: str = "strict",
+                   progress: bool = True) -> RefStats:
+    """One file, start to end (see :class:`RefWriter`)."""
+    with RefWriter(spec, num_workers, block_lines, errors, progress) as writer:
+        return writer.write(input_path, output_path)
 
 
 def ref_name(corpus_file: Path) -> str:

@@ -21,10 +21,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, from an
 from transformers import HfArgumentParser  # noqa: E402
 
 from minirbt.cli import default_workers, run  # noqa: E402
-from minirbt.refs import RefBuilder, ref_name, write_ref_file  # noqa: E402
-from minirbt.segmentation import make_segmenter  # noqa: E402
+from minirbt.refs import RefSpec, RefWriter, ref_name  # noqa: E402
 from minirbt.textio import CorpusError, list_corpus_files  # noqa: E402
-from minirbt.tokenization import LineTokenizer, load_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -82,14 +80,15 @@ def main() -> None:
                 raise CorpusError(f"--output {args.output} is a folder but --input is a file: give a file name")
             pairs = [(src, Path(args.output))]
 
-    line_tokenizer = LineTokenizer(load_tokenizer(args.tokenizer))
-    segmenter = make_segmenter(args.segmenter, args.ltp_model, args.user_dict, device=args.device)
-    workers = 1 if (args.segmenter == "ltp" and args.device == "cuda") else args.num_workers
-    builder = RefBuilder(line_tokenizer, segmenter)
-    for src, dst in pairs:
-        stats = write_ref_file(builder, src, dst, num_workers=workers, block_lines=args.batch_size,
-                               errors=args.encoding_errors)
-        print(f"{src} -> {dst}: {stats.lines} lines in {stats.seconds:.1f} s ({stats.lines_per_s:,.0f} lines/s)")
+    spec = RefSpec(args.tokenizer, args.segmenter, args.ltp_model if args.segmenter == "ltp" else None,
+                   args.user_dict, args.device)
+    builder = spec.build()  # here first: a missing tokenizer or model is reported before any work
+    # One process drives a GPU; on CPU, worker processes over blocks of lines.
+    workers = 1 if args.device == "cuda" else args.num_workers
+    with RefWriter(builder if workers == 1 else spec, workers, args.batch_size, args.encoding_errors) as writer:
+        for src, dst in pairs:
+            stats = writer.write(src, dst)
+            print(f"{src} -> {dst}: {stats.lines} lines in {stats.seconds:.1f} s ({stats.lines_per_s:,.0f} lines/s)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import ROOT, run_script
 
-from minirbt.refs import RefBuilder, reference_prepare_ref, reference_ref, whole_word_ref, write_ref_file
+from minirbt.refs import RefBuilder, RefSpec, reference_prepare_ref, reference_ref, whole_word_ref, write_ref_file
 from minirbt.segmentation import make_segmenter
 from minirbt.textio import CorpusError, iter_lines
 from minirbt.tokenization import LineTokenizer
@@ -35,13 +35,13 @@ def segmenter(request, ltp_dir):
     return make_segmenter(request.param, ltp_dir)
 
 
-def test_identical_to_reference_on_real_text(segmenter, tokenizer, real_lines, tmp_path):
+def test_identical_to_reference_on_real_text(segmenter, tokenizer, vocab_dir, ltp_dir, real_lines, tmp_path):
     lines = [x.strip() for x in real_lines if x.strip()]
     expected = reference_prepare_ref(lines, segmenter.segment, tokenizer)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    builder = RefBuilder(LineTokenizer(tokenizer), segmenter)
-    stats = write_ref_file(builder, corpus, tmp_path / "ref.txt", num_workers=2, block_lines=300, progress=False)
+    spec = RefSpec(str(vocab_dir), segmenter.name, str(ltp_dir))
+    stats = write_ref_file(spec, corpus, tmp_path / "ref.txt", num_workers=2, block_lines=300, progress=False)
     ours = [json.loads(x) for x in iter_lines(tmp_path / "ref.txt")]
     assert stats.lines == len(ours) == len(lines)
     lengths = [len(x) for x in tokenizer(lines)["input_ids"]]
