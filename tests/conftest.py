@@ -77,3 +77,25 @@ def real_lines(shared_data) -> list[str]:
             lines.append(p["context"].replace("\n", " "))
             lines += [q["question"] for q in p["qas"]]
     return lines
+
+
+def tiny_bert(layers: int = 4, hidden: int = 64, heads: int = 4, ffn: int = 128, seed: int = 0, std: float = 0.02):
+    """A small random BertForMaskedLM with the real 21,128-token vocab."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=21128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=512, initializer_range=std)
+    return BertForMaskedLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 4-layer, 64-wide teacher folder (weights with a wide init: peaked, varied predictions)."""
+    from minirbt.modeling import save_model_folder
+    from minirbt.tokenization import default_vocab_path
+
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    save_model_folder(tiny_bert(std=0.2), default_vocab_path(), out)
+    return out

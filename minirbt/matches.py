@@ -1,0 +1,251 @@
+"""Distillation losses and intermediate matches, described as data (TextBrewer's format).
+
+A match is a dict, exactly as in TextBrewer's ``intermediate_matches``::
+
+    {"layer_T": 4, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
+     "proj": ["linear", 256, 768]}
+
+* ``feature: "hidden"``: layer 0 is the embedding output, layer i the output of
+  transformer layer i (Hugging Face's ``hidden_states`` tuple).
+* ``feature: "attention"``: layer i (1-based, like hidden states) is the attention
+  of transformer layer i. Hugging Face returns attention *probabilities* (after
+  softmax); TextBrewer's ``attention_ce*`` losses expect raw scores and would apply
+  softmax twice, so those two are re-implemented here for probabilities. Any
+  attention match switches both models to eager attention (SDPA returns none).
+* ``fsp``/``gram``/``mmd``/``nst`` take pairs: ``"layer_T": [i, j]``.
+* ``proj``: ``[kind, dim_S, dim_T]`` with kind ``linear``, ``relu`` or ``tanh``, a
+  trained projection of the student's feature to the teacher's width.
+
+Everything else is TextBrewer's own loss functions (``textbrewer.losses``).
+Presets: MiniRBT's hidden-state recipes and TextBrewer's example presets, by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from textbrewer.losses import (
+    att_mse_loss,
+    att_mse_sum_loss,
+    cos_loss,
+    fsp_loss,
+    hid_mse_loss,
+    kd_ce_loss,
+    kd_mse_loss,
+    mmd_loss,
+    pkd_loss,
+)
+from torch import nn
+
+from minirbt.textio import CorpusError
+
+_EPS = 1e-12
+
+
+def att_prob_ce_loss(attention_S: torch.Tensor, attention_T: torch.Tensor, mask: torch.Tensor | None = None):
+    """Cross-entropy between attention *probabilities* (B, H, L, L), over valid query rows."""
+    ce = -(attention_T * torch.log(attention_S.clamp_min(_EPS))).sum(dim=-1)  # (B, H, L)
+    if mask is None:
+        return ce.mean()
+    m = mask.to(ce).unsqueeze(1).expand_as(ce)
+    return (ce * m).sum() / m.sum()
+
+
+def att_prob_ce_mean_loss(attention_S: torch.Tensor, attention_T: torch.Tensor, mask: torch.Tensor | None = None):
+    """As :func:`att_prob_ce_loss` on the head-averaged attention."""
+    if attention_S.dim() == 4:
+        attention_S, attention_T = attention_S.mean(dim=1), attention_T.mean(dim=1)
+    ce = -(attention_T * torch.log(attention_S.clamp_min(_EPS))).sum(dim=-1)  # (B, L)
+    if mask is None:
+        return ce.mean()
+    m = mask.to(ce)
+    return (ce * m).sum() / m.sum()
+
+
+MATCH_LOSSES = {
+    "attention_mse": att_mse_loss,
+    "attention_mse_sum": att_mse_sum_loss,
+    "attention_ce": att_prob_ce_loss,
+    "attention_ce_mean": att_prob_ce_mean_loss,
+    "hidden_mse": hid_mse_loss,
+    "cos": cos_loss,
+    "pkd": pkd_loss,
+    "gram": fsp_loss,
+    "fsp": fsp_loss,
+    "mmd": mmd_loss,
+    "nst": mmd_loss,
+}
+PAIR_LOSSES = {"gram", "fsp", "mmd", "nst"}
+KD_LOSSES = {"ce": kd_ce_loss, "mse": kd_mse_loss}
+PROJECTIONS = {"linear": None, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _hidden_mse(pairs, proj=None, weight=1):
+    out = []
+    for t, s in pairs:
+        m = {"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": weight}
+        if proj:
+            m["proj"] = list(proj)
+        out.append(m)
+    return out
+
+
+def _att(pairs, loss):
+    return [{"layer_T": t, "layer_S": s, "feature": "attention", "loss": loss, "weight": 1} for t, s in pairs]
+
+
+def _pairs(pairs, loss, proj=None):
+    out = []
+    for t, s in pairs:
+        m = {"layer_T": [t, t], "layer_S": [s, s], "feature": "hidden", "loss": loss, "weight": 1}
+        if proj:
+            m["proj"] = list(proj)
+        out.append(m)
+    return out
+
+
+_L12_L6 = [(0, 0), (2, 1), (4, 2), (6, 3), (8, 4), (10, 5), (12, 6)]
+_L6_L6 = [(i, i) for i in range(7)]
+_L12_L4 = [(0, 0), (3, 1), (6, 2), (9, 3), (12, 4)]
+_L12_L3 = [(0, 0), (4, 1), (8, 2), (12, 3)]
+
+PRESETS: dict[str, list[dict]] = {
+    # MiniRBT (ANCHORS.md): hidden-state MSE, weight 1, layer 0 = embeddings
+    "L12_L6_hidden_mse": _hidden_mse(_L12_L6),  # RoBERTa -> RBT6 (same width)
+    "L12_L6_hidden_mse_H256": _hidden_mse(_L12_L6, ["linear", 256, 768]),
+    "L12_L6_hidden_mse_H288": _hidden_mse(_L12_L6, ["linear", 288, 768]),
+    "L6_L6_hidden_mse_H256": _hidden_mse(_L6_L6, ["linear", 256, 768]),  # RBT6 -> MiniRBT-H256
+    "L6_L6_hidden_mse_H288": _hidden_mse(_L6_L6, ["linear", 288, 768]),  # RBT6 -> MiniRBT-H288
+    "L12_L4_hidden_mse_H312": _hidden_mse(_L12_L4, ["linear", 312, 768]),  # TinyBERT size
+    # TextBrewer's example presets (examples/matches/matches.py), teacher of 12 layers
+    "L3_attention_mse": _att(_L12_L3[1:], "attention_mse"),
+    "L3_attention_ce": _att(_L12_L3[1:], "attention_ce"),
+    "L3_attention_mse_sum": _att(_L12_L3[1:], "attention_mse_sum"),
+    "L3_attention_ce_mean": _att(_L12_L3[1:], "attention_ce_mean"),
+    "L3_hidden_mse": _hidden_mse(_L12_L3),
+    "L3_hidden_smmd": _pairs(_L12_L3, "mmd"),
+    "L3n_hidden_mse": _hidden_mse(_L12_L3, ["linear", 384, 768]),
+    "L4_attention_mse": _att(_L12_L4[1:], "attention_mse"),
+    "L4_attention_ce": _att(_L12_L4[1:], "attention_ce"),
+    "L4_attention_mse_sum": _att(_L12_L4[1:], "attention_mse_sum"),
+    "L4_attention_ce_mean": _att(_L12_L4[1:], "attention_ce_mean"),
+    "L4_hidden_mse": _hidden_mse(_L12_L4),
+    "L4_hidden_smmd": _pairs(_L12_L4, "mmd"),
+    "L4t_hidden_mse": _hidden_mse(_L12_L4, ["linear", 312, 768]),
+    "L4t_hidden_sgram": _pairs(_L12_L4, "gram", ["linear", 312, 768]),
+    "L6_hidden_mse": _hidden_mse(_L12_L6),
+    "L6_hidden_smmd": _pairs(_L12_L6, "mmd"),
+}
+
+
+def resolve_matches(specs: list[str] | None) -> list[dict]:
+    """Preset names, JSON files or inline JSON lists -> one list of match dicts (validated shape)."""
+    matches: list[dict] = []
+    for spec in specs or []:
+        if spec in PRESETS:
+            matches += copy.deepcopy(PRESETS[spec])
+            continue
+        stripped = spec.lstrip()
+        is_inline = stripped.startswith(("[", "{"))
+        if not is_inline and not Path(spec).is_file():
+            raise CorpusError(f"--matches {spec!r}: not a preset ({', '.join(PRESETS)}), a JSON file or a JSON list")
+        text = spec if is_inline else Path(spec).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise CorpusError(f"--matches {spec!r}: not a preset ({', '.join(PRESETS)}), "
+                              "a JSON file or a JSON list") from None
+        data = data if isinstance(data, list) else [data]
+        matches += data
+    for i, m in enumerate(matches):
+        if not isinstance(m, dict):
+            raise CorpusError(f"match {i}: not a dict: {m!r}")
+        missing = [k for k in ("layer_T", "layer_S", "feature", "loss") if k not in m]
+        if missing:
+            raise CorpusError(f"match {i} lacks {missing}: {m}")
+        if m["feature"] not in ("hidden", "attention"):
+            raise CorpusError(f"match {i}: feature must be 'hidden' or 'attention', not {m['feature']!r}")
+        if m["loss"] not in MATCH_LOSSES:
+            raise CorpusError(f"match {i}: unknown loss {m['loss']!r} (one of {', '.join(MATCH_LOSSES)})")
+        if m["feature"] == "attention" and m["loss"] not in {k for k in MATCH_LOSSES if k.startswith("attention")}:
+            raise CorpusError(f"match {i}: attention features need an attention_* loss")
+        m.setdefault("weight", 1)
+    return matches
+
+
+def needs_attentions(matches: list[dict]) -> bool:
+    return any(m["feature"] == "attention" for m in matches)
+
+
+def check_matches(matches: list[dict], n_teacher: int, n_student: int, hidden_T: int, hidden_S: int,
+                  heads_T: int | None = None, heads_S: int | None = None) -> None:
+    """Layer indices in range, head counts and projections that fit, before any training starts."""
+    for i, m in enumerate(matches):
+        if m["loss"] in ("attention_mse", "attention_ce") and heads_T != heads_S:
+            raise CorpusError(f"match {i}: {m['loss']} compares heads one to one, but the teacher has {heads_T} "
+                              f"heads and the student {heads_S}: use {m['loss']}_sum/_mean style losses "
+                              "(attention_mse_sum, attention_ce_mean)")
+        lo = 1 if m["feature"] == "attention" else 0
+        for side, n in (("layer_T", n_teacher), ("layer_S", n_student)):
+            idx = m[side] if isinstance(m[side], list) else [m[side]]
+            bad = [x for x in idx if not lo <= x <= n]
+            if bad:
+                raise CorpusError(f"match {i}: {side} {bad} out of range {lo}..{n} for {m['feature']} "
+                                  f"({'attention layers count from 1' if lo else 'hidden layer 0 = embeddings'})")
+        if isinstance(m["layer_T"], list) != (m["loss"] in PAIR_LOSSES):
+            raise CorpusError(f"match {i}: loss {m['loss']} takes {'pairs' if m['loss'] in PAIR_LOSSES else 'single'}"
+                              " layer indices")
+        if m["feature"] == "hidden" and m["loss"] not in ("mmd", "nst"):
+            proj = m.get("proj")
+            if proj is None:
+                if hidden_S != hidden_T:
+                    raise CorpusError(f"match {i}: student width {hidden_S} != teacher width {hidden_T}: "
+                                      f"add \"proj\": [\"linear\", {hidden_S}, {hidden_T}]")
+            else:
+                if len(proj) != 3 or proj[0] not in PROJECTIONS:
+                    raise CorpusError(f"match {i}: proj must be [linear|relu|tanh, dim_S, dim_T], got {proj}")
+                if (proj[1], proj[2]) != (hidden_S, hidden_T):
+                    raise CorpusError(f"match {i}: proj {proj} does not fit student width {hidden_S} -> "
+                                      f"teacher width {hidden_T}")
+
+
+def build_projections(matches: list[dict]) -> nn.ModuleList:
+    """One trained projection per match that asks for one (None-free ModuleList, Identity otherwise)."""
+    mods = []
+    for m in matches:
+        proj = m.get("proj")
+        if proj is None or m["feature"] != "hidden":
+            mods.append(nn.Identity())
+            continue
+        linear = nn.Linear(int(proj[1]), int(proj[2]))
+        nn.init.normal_(linear.weight, std=0.02)  # TextBrewer initialises projections like BERT layers
+        nn.init.zeros_(linear.bias)
+        act = PROJECTIONS[proj[0]]
+        mods.append(linear if act is None else nn.Sequential(linear, act()))
+    return nn.ModuleList(mods)
+
+
+def match_losses(matches: list[dict], projections: nn.ModuleList, hidden_S, hidden_T, att_S, att_T,
+                 mask: torch.Tensor) -> list[torch.Tensor]:
+    """Weighted loss of each match (fp32), in order."""
+    out = []
+    for m, proj in zip(matches, projections):
+        fn = MATCH_LOSSES[m["loss"]]
+        if m["feature"] == "hidden":
+            src_S, src_T = hidden_S, hidden_T
+        else:
+            # attention layer i (1-based) is entry i-1 of the attentions tuple
+            src_S = [None, *att_S]
+            src_T = [None, *att_T]
+        if isinstance(m["layer_S"], list):
+            fs = [proj(src_S[j].float()) for j in m["layer_S"]]
+            ft = [src_T[j].float() for j in m["layer_T"]]
+        else:
+            fs = src_S[m["layer_S"]].float()
+            fs = proj(fs) if m["feature"] == "hidden" else fs
+            ft = src_T[m["layer_T"]].float()
+        out.append(m["weight"] * fn(fs, ft, mask=mask))
+    return out

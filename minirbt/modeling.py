@@ -1,0 +1,159 @@
+"""Model folders: loading teachers safely, saving complete folders, TA surgery.
+
+A *model folder* is what ``BertModel.from_pretrained`` and
+``BertTokenizer.from_pretrained`` both load: ``config.json``, ``model.safetensors``,
+``vocab.txt`` and ``tokenizer_config.json``. Every stage writes one (atomically)
+and every stage reads one, so a stage-1 output is directly a stage-2 teacher.
+
+Teacher-assistant initialisation (stage 3) copies the teacher's embeddings, a
+chosen subset of its transformer layers and its whole MLM head into a student of
+the same hidden size. Layer maps:
+
+* ``uniform`` (default): layers spread over the teacher's depth,
+  ``round(i * (L_T - 1) / (L_S - 1))``; for 12 -> 6 this is ``0,2,4,7,9,11``, the
+  list MiniRBT's released code uses (it is what produced their RBT6);
+* ``first``: layers ``0 .. L_S - 1`` (what MiniRBT's README describes);
+* an explicit comma list such as ``0,2,4,7,9,11``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from minirbt.textio import CorpusError, atomic_path
+from minirbt.tokenization import TOKENIZER_CONFIG, VOCAB_NAME
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_NAMES = ("roberta_wwm_ext", "rbt6", "rbt3", "rbt4_h312", "minirbt_h256", "minirbt_h288")
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A shipped config by name (``rbt6``, ``minirbt_h256``, ...) or a JSON file path."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = Path(str(resources.files("minirbt") / "configs" / f"{name_or_path}.json"))
+    if shipped.is_file():
+        return shipped
+    raise CorpusError(f"student config not found: {name_or_path} (a JSON file, or one of {', '.join(CONFIG_NAMES)})")
+
+
+def load_config(name_or_path: str | os.PathLike) -> BertConfig:
+    path = config_path(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    try:
+        config = BertConfig(**{k: v for k, v in data.items() if k != "model_type"})
+    except (TypeError, ValueError) as e:
+        raise CorpusError(f"{path}: not a BERT config ({e})") from None
+    if config.hidden_size % config.num_attention_heads:
+        raise CorpusError(f"{path}: hidden_size {config.hidden_size} is not a multiple of "
+                          f"num_attention_heads {config.num_attention_heads}")
+    return config
+
+
+def check_model_folder(folder: str | os.PathLike, what: str = "model folder") -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CorpusError(f"{what} not found: {folder} (see pretrained_model_path/README.md for what to put there)")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / w).is_file() for w in WEIGHT_FILES):
+        missing.append("model.safetensors (or pytorch_model.bin)")
+    if not (folder / VOCAB_NAME).is_file():
+        missing.append(VOCAB_NAME)
+    if missing:
+        raise CorpusError(f"{what} {folder} lacks {', '.join(missing)}")
+    return folder
+
+
+def load_mlm(folder: str | os.PathLike, what: str = "teacher", attn_implementation: str | None = None
+             ) -> BertForMaskedLM:
+    """A ``BertForMaskedLM`` from a local folder (safetensors, or a .bin read with weights_only)."""
+    folder = check_model_folder(folder, what)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model = BertForMaskedLM.from_pretrained(str(folder), **kwargs)
+    except Exception as e:  # noqa: BLE001 - safetensors/torch/json raise many kinds; the user needs the file
+        raise CorpusError(f"cannot load {what} from {folder}: {e}") from None
+    return model
+
+
+def save_model_folder(model: BertForMaskedLM, vocab_from: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a complete model folder atomically (weights, config, vocab, tokenizer config)."""
+    vocab_from = Path(vocab_from)
+    vocab = vocab_from / VOCAB_NAME if vocab_from.is_dir() else vocab_from
+    with atomic_path(out, is_dir=True) as tmp:
+        write_model_files(model, vocab, tmp)
+    return Path(out)
+
+
+def write_model_files(model: BertForMaskedLM, vocab_file: Path, folder: Path) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("_attn_implementation_autoset", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(vocab_file, folder / VOCAB_NAME)
+    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+
+
+def parse_layer_map(spec: str, n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layer (0-based) for each student layer."""
+    if spec == "first":
+        layers = list(range(n_student))
+    elif spec == "uniform":
+        layers = [0] if n_student == 1 else [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+    else:
+        try:
+            layers = [int(x) for x in spec.split(",")]
+        except ValueError:
+            raise CorpusError(f"--layer_map must be 'first', 'uniform' or a list like 0,2,4,7,9,11; got {spec!r}") \
+                from None
+        if len(layers) != n_student:
+            raise CorpusError(f"--layer_map lists {len(layers)} layers but the student has {n_student}")
+    bad = [x for x in layers if not 0 <= x < n_teacher]
+    if bad:
+        raise CorpusError(f"--layer_map: teacher layer(s) {bad} out of range 0..{n_teacher - 1}")
+    if n_student > n_teacher:
+        raise CorpusError(f"student has {n_student} layers, more than the teacher's {n_teacher}")
+    return layers
+
+
+def init_from_teacher(teacher: BertForMaskedLM, config: BertConfig, layer_map: str = "uniform"
+                      ) -> tuple[BertForMaskedLM, list[int]]:
+    """A student of ``config`` with the teacher's embeddings, chosen layers and MLM head."""
+    tc = teacher.config
+    for key in ("hidden_size", "vocab_size", "max_position_embeddings", "type_vocab_size",
+                "num_attention_heads", "intermediate_size"):
+        if getattr(tc, key) != getattr(config, key):
+            raise CorpusError(f"cannot copy layers: the teacher's {key} is {getattr(tc, key)}, the student "
+                              f"config's is {getattr(config, key)} (a teacher assistant keeps the teacher's width)")
+    layers = parse_layer_map(layer_map, tc.num_hidden_layers, config.num_hidden_layers)
+    student = BertForMaskedLM(config)
+    student.bert.embeddings.load_state_dict(teacher.bert.embeddings.state_dict())
+    for s, t in enumerate(layers):
+        student.bert.encoder.layer[s].load_state_dict(teacher.bert.encoder.layer[t].state_dict())
+    student.cls.load_state_dict(teacher.cls.state_dict())  # transform + bias; decoder tied to embeddings
+    student.tie_weights()
+    return student, layers
+
+
+def count_parameters(config: BertConfig) -> tuple[int, int]:
+    """Parameters of ``BertModel`` (with pooler), and without the embedding block."""
+    from transformers import BertModel
+
+    with torch.device("meta"):
+        model = BertModel(config)
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for p in model.embeddings.parameters())
+    return total, total - emb

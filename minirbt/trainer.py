@@ -1,0 +1,424 @@
+"""The MLM distillation loop (stage 4): one file, top to bottom, nanoGPT style.
+
+Why a hand-written loop rather than ``accelerate``/``Trainer``: exact resume and
+exact 1-vs-N-process equivalence come from deriving *everything random* from
+``(seed, step, micro-batch)`` - the data order, the masks, dropout - so a
+checkpoint needs only the step, the weights and the optimizer; neither library
+exposes that, and the loop is short.
+
+Per optimizer step ``s`` the global batch is the next ``G = batch_size x
+gradient_accumulation_steps x world_size`` examples of a seeded permutation of the
+dataset (a new permutation each epoch). Rank ``r``, micro-step ``m`` takes the
+``(r x A + m)``-th slice of ``batch_size`` examples, so one process with A=2 and
+two processes with A=1 see the same examples with the same masks and dropout.
+
+Loss = ``kd_weight`` x soft cross-entropy(student, teacher; T) at the masked
+positions + ``mlm_weight`` x cross-entropy with the true tokens + every
+intermediate match (``minirbt.matches``). The LM heads run only on the masked
+positions (~15% of tokens: the vocabulary projection dominates otherwise). Losses
+are computed in fp32; ``--bf16`` autocasts the forward passes (CUDA and CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
+
+from minirbt.collator import ChineseWWMCollator
+from minirbt.data import MANIFEST, load_pretraining_dataset
+from minirbt.matches import (
+    KD_LOSSES,
+    build_projections,
+    check_matches,
+    match_losses,
+    needs_attentions,
+    resolve_matches,
+)
+from minirbt.modeling import check_model_folder, load_config, load_mlm, write_model_files
+from minirbt.textio import CorpusError, atomic_path
+from minirbt.tokenization import load_tokenizer, vocab_fingerprint
+
+STATE_NAME = "training_state.pt"
+SUMMARY_NAME = "minirbt_training.json"
+
+
+@dataclass
+class DistillArguments:
+    teacher: str = field(metadata={"help": "Teacher model folder (a stage-1 output works as-is)."})
+    dataset: str = field(metadata={"help": "Dataset folder from pretraining/my_datasets.py."})
+    output_dir: str = field(metadata={"help": "Where the student, checkpoints and TensorBoard logs go."})
+    student_config: str | None = field(default=None, metadata={
+        "help": "Student config: a JSON file or a shipped name (rbt6, minirbt_h256, ...); random init."})
+    student_init: str | None = field(default=None, metadata={
+        "help": "Student model folder to start from (e.g. from scripts/init_checkpoint_TA.py)."})
+    matches: list[str] = field(default_factory=list, metadata={
+        "nargs": "*", "help": "Intermediate matches: preset names, JSON files or JSON lists."})
+    temperature: float = field(default=8.0, metadata={"help": "Softmax temperature of the KD loss."})
+    kd_loss: str = field(default="ce", metadata={"help": "KD loss: ce (soft cross-entropy) or mse."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the KD loss."})
+    mlm_weight: float = field(default=0.0, metadata={"help": "Weight of the hard-label MLM loss."})
+    max_steps: int = field(default=100_000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=4e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on bias/LayerNorm)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of max_steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens chosen for prediction."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (losses in fp32)."})
+    save_steps: int = field(default=1000, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int = field(default=3, metadata={"help": "Checkpoints kept (the newest)."})
+    eval_steps: int = field(default=1000, metadata={"help": "Dev evaluation every N steps (0: never)."})
+    eval_batches: int = field(default=50, metadata={"help": "Dev batches per evaluation."})
+    logging_steps: int = field(default=50, metadata={"help": "TensorBoard scalars every N steps."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+    seed: int = field(default=42, metadata={"help": "Seed of data order, masks, dropout and init."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
+
+
+# ------------------------------------------------------------------ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> tuple[Dist, torch.device]:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain python runs one process."""
+    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+             int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+        dev = torch.device("cuda", d.local_rank)
+    else:
+        dev = torch.device("cpu")
+    if d.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return d, dev
+
+
+# ------------------------------------------------------------------ the student side
+class Student(nn.Module):
+    """Student + match projections: the trained parameters, in one module for DDP."""
+
+    def __init__(self, model: BertForMaskedLM, projections: nn.ModuleList):
+        super().__init__()
+        self.model = model
+        self.projections = projections
+
+    def forward(self, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
+        out = self.model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              token_type_ids=batch["token_type_ids"], output_hidden_states=hidden,
+                              output_attentions=attentions)
+        logits = self.model.cls(out.last_hidden_state[select])  # LM head on masked positions only
+        return logits, out.hidden_states, out.attentions
+
+
+def teacher_forward(teacher: BertForMaskedLM, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
+    with torch.no_grad():
+        out = teacher.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"], output_hidden_states=hidden,
+                           output_attentions=attentions)
+        return teacher.cls(out.last_hidden_state[select]), out.hidden_states, out.attentions
+
+
+def _sub_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+class DataOrder:
+    """Example index at global position p: a seeded permutation per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise CorpusError("the training split of the dataset is empty")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for p in range(start, start + count):
+            epoch = p // self.n
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            out.append(int(self._perm[p % self.n]))
+        return out
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ checkpoints
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (written atomically: a half-written one is a hidden temp dir)."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output_dir: Path, step: int, student: Student, optimizer, scheduler, vocab_file: Path,
+                    args: DistillArguments, limit: int) -> Path:
+    final = output_dir / f"checkpoint-{step:07d}"
+    with atomic_path(final, is_dir=True) as tmp:
+        write_model_files(student.model, vocab_file, tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "projections": student.projections.state_dict(), "args": asdict(args)}, tmp / STATE_NAME)
+    for old in checkpoints(output_dir)[:-limit] if limit > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM, dev, collator_seed: int, tokenizer,
+             args: DistillArguments, device: torch.device, autocast) -> dict:
+    """Masked-token accuracy and perplexity of student and teacher, and the KD loss, on fixed dev masks."""
+    collator = ChineseWWMCollator(tokenizer, args.mlm_probability, seed=collator_seed)
+    student.eval()
+    totals = {"n": 0, "student_nll": 0.0, "teacher_nll": 0.0, "student_correct": 0, "teacher_correct": 0,
+              "kd": 0.0, "agree": 0}
+    n_batches = min(args.eval_batches, math.ceil(len(dev) / args.batch_size))
+    for b in range(n_batches):
+        rows = dev[b * args.batch_size : (b + 1) * args.batch_size]
+        batch = _to(collator([dict(zip(rows, v)) for v in zip(*rows.values())]), device)
+        select = batch["labels"] != -100
+        labels = batch["labels"][select]
+        with autocast:
+            ls, _, _ = Student(student, nn.ModuleList())(batch, select, False, False)
+            lt, _, _ = teacher_forward(teacher, batch, select, False, False)
+        ls, lt = ls.float(), lt.float()
+        totals["n"] += labels.numel()
+        totals["student_nll"] += F.cross_entropy(ls, labels, reduction="sum").item()
+        totals["teacher_nll"] += F.cross_entropy(lt, labels, reduction="sum").item()
+        totals["student_correct"] += (ls.argmax(-1) == labels).sum().item()
+        totals["teacher_correct"] += (lt.argmax(-1) == labels).sum().item()
+        totals["agree"] += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
+        totals["kd"] += KD_LOSSES[args.kd_loss](ls, lt, args.temperature).item() * labels.numel()
+    student.train()
+    n = max(totals["n"], 1)
+    return {
+        "student_mlm_accuracy": totals["student_correct"] / n,
+        "teacher_mlm_accuracy": totals["teacher_correct"] / n,
+        "student_perplexity": math.exp(min(totals["student_nll"] / n, 50)),
+        "teacher_perplexity": math.exp(min(totals["teacher_nll"] / n, 50)),
+        "top1_agreement": totals["agree"] / n,
+        "kd_loss": totals["kd"] / n,
+        "tokens": totals["n"],
+    }
+
+
+# ------------------------------------------------------------------ setup checks
+def _check_inputs(args: DistillArguments) -> None:
+    if (args.student_config is None) == (args.student_init is None):
+        raise CorpusError("give exactly one of --student_config (random init) or --student_init (a model folder)")
+    if args.kd_loss not in KD_LOSSES:
+        raise CorpusError(f"--kd_loss must be one of {', '.join(KD_LOSSES)}")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise CorpusError(f"--{name} must be at least 1")
+    if args.temperature <= 0:
+        raise CorpusError("--temperature must be positive")
+    check_model_folder(args.teacher, "teacher")
+    if not (Path(args.dataset) / MANIFEST).is_file():
+        raise CorpusError(f"--dataset {args.dataset} is not a dataset made by pretraining/my_datasets.py")
+
+
+def _vocab_check(teacher_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int) -> None:
+    manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
+    teacher_fp = vocab_fingerprint(load_tokenizer(teacher_dir))
+    if manifest["request"]["vocab"] != teacher_fp:
+        raise CorpusError(f"vocab mismatch: the dataset {dataset_dir} was tokenized with another vocab than the "
+                          f"teacher's ({teacher_dir}/vocab.txt); rebuild it with --tokenizer {teacher_dir}")
+    if student_vocab != teacher_vocab:
+        raise CorpusError(f"vocab mismatch: the student has vocab_size {student_vocab}, the teacher {teacher_vocab}")
+
+
+# ------------------------------------------------------------------ the loop
+def train(args: DistillArguments) -> dict:
+    _check_inputs(args)
+    d, device = setup_distributed(args.device)
+    out = Path(args.output_dir)
+    matches = resolve_matches(args.matches)
+    attn = "eager" if needs_attentions(matches) else None  # SDPA returns no attention probabilities
+    teacher = load_mlm(args.teacher, "teacher", attn).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    torch.manual_seed(args.seed)  # random student init is the same on every rank
+    if args.student_init:
+        model = load_mlm(args.student_init, "student", attn)
+    else:
+        config = load_config(args.student_config)
+        if attn:
+            config._attn_implementation = attn
+        model = BertForMaskedLM(config)
+    _vocab_check(args.teacher, args.dataset, model.config.vocab_size, teacher.config.vocab_size)
+    check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
+                  teacher.config.hidden_size, model.config.hidden_size,
+                  teacher.config.num_attention_heads, model.config.num_attention_heads)
+    student = Student(model, build_projections(matches)).to(device)
+
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
+    no_decay = [p for n, p in student.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
+
+    step = 0
+    if args.resume:
+        found = checkpoints(out)
+        if found:
+            ckpt = found[-1]
+            state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
+            resumed = load_mlm(ckpt, "checkpoint", attn)
+            student.model.load_state_dict(resumed.state_dict())
+            student.projections.load_state_dict(state["projections"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+            if d.main:
+                print(f"resuming from {ckpt} (step {step})", flush=True)
+        elif d.main:
+            print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
+
+    ddp_student = student
+    if d.world > 1:
+        ddp_student = nn.parallel.DistributedDataParallel(student, device_ids=[d.local_rank] if device.type == "cuda"
+                                                          else None)
+
+    data = load_pretraining_dataset(args.dataset)
+    train_set, dev_set = data["train"], data.get("validation")
+    tokenizer = load_tokenizer(args.teacher)
+    vocab_file = Path(args.teacher) / "vocab.txt"
+    collator = ChineseWWMCollator(tokenizer, args.mlm_probability, seed=args.seed)
+    order = DataOrder(len(train_set), args.seed)
+    A, B = args.gradient_accumulation_steps, args.batch_size
+    global_batch = B * A * d.world
+    need_hidden = any(m["feature"] == "hidden" for m in matches)
+    need_att = needs_attentions(matches)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    kd_fn = KD_LOSSES[args.kd_loss]
+
+    writer = None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "runs"))
+    bar = tqdm(total=args.max_steps, initial=step, desc="distill", disable=not d.main, dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    count = 0
+    last_eval: dict = {}
+    first_eval: dict = {}
+    history: list[dict] = []
+    if args.eval_steps and dev_set is not None and len(dev_set) and d.main and step == 0:
+        first_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device, autocast)
+        for name, value in first_eval.items():
+            writer.add_scalar(f"dev/{name}", value, 0)
+        tqdm.write("step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in first_eval.items()))
+    t0 = time.perf_counter()
+    student.train()
+    while step < args.max_steps:
+        terms_step: dict[str, float] = {}
+        for m in range(A):
+            g = d.rank * A + m  # global micro-batch index within the step
+            idx = order.indices(step * global_batch + g * B, B)
+            collator.rng = np.random.default_rng([args.seed, step, g])
+            batch = _to(collator([train_set[i] for i in idx]), device)
+            select = batch["labels"] != -100
+            torch.manual_seed(_sub_seed(args.seed, step, g))  # dropout: same on any number of processes
+            sync = m == A - 1 or d.world == 1
+            ctx = ddp_student.no_sync() if (d.world > 1 and not sync) else nullcontext()
+            with ctx:
+                with autocast:
+                    logits_T, hid_T, att_T = teacher_forward(teacher, batch, select, need_hidden, need_att)
+                    logits_S, hid_S, att_S = ddp_student(batch, select, need_hidden, need_att)
+                terms = {}
+                ls, lt = logits_S.float(), logits_T.float()
+                if args.kd_weight:
+                    terms["kd"] = args.kd_weight * kd_fn(ls, lt, args.temperature)
+                if args.mlm_weight:
+                    terms["mlm"] = args.mlm_weight * F.cross_entropy(ls, batch["labels"][select])
+                for i, loss in enumerate(match_losses(matches, student.projections, hid_S, hid_T, att_S, att_T,
+                                                      batch["attention_mask"])):
+                    terms[f"match{i}_{matches[i]['loss']}"] = loss
+                total = sum(terms.values())
+                for name, value in terms.items():
+                    if not torch.isfinite(value):
+                        raise CorpusError(f"non-finite loss at step {step + 1}: term {name} = {value.item()}; "
+                                          f"nothing saved for this step (last good checkpoint kept in {out})")
+                (total / A).backward()
+            for name, value in terms.items():
+                terms_step[name] = terms_step.get(name, 0.0) + value.item() / A
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        for name, value in terms_step.items():
+            sums[name] = sums.get(name, 0.0) + value
+        count += 1
+        if d.main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(terms_step.values()):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % args.logging_steps == 0 or step == args.max_steps:
+                history.append({"step": step, **{k: v / count for k, v in sums.items()}})
+                for name, value in sums.items():
+                    writer.add_scalar(f"train/{name}", value / count, step)
+                writer.add_scalar("train/loss", sum(sums.values()) / count, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                sums, count = {}, 0
+        if args.eval_steps and dev_set is not None and len(dev_set) and (
+                step % args.eval_steps == 0 or step == args.max_steps):
+            if d.main:
+                last_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device,
+                                     autocast)
+                for name, value in last_eval.items():
+                    writer.add_scalar(f"dev/{name}", value, step)
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+        if step % args.save_steps == 0 or step == args.max_steps:
+            if d.main:
+                save_checkpoint(out, step, student, optimizer, scheduler, vocab_file, args, args.save_total_limit)
+            if d.world > 1:
+                dist.barrier()
+    bar.close()
+
+    summary = {"steps": step, "global_batch": global_batch, "world_size": d.world, "matches": matches,
+               "seconds": time.perf_counter() - t0, "dev_start": first_eval, "dev": last_eval,
+               "history": history, "args": asdict(args)}
+    if d.main:
+        # the final student: a complete model folder at the top of output_dir (each file replaced atomically)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp_name:
+            tmp = Path(tmp_name)
+            write_model_files(student.model, vocab_file, tmp)
+            (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config last
+                os.replace(f, out / f.name)
+        writer.close()
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

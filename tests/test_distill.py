@@ -1,0 +1,221 @@
+"""Stage 4: the distillation engine on real text with tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_script, tiny_bert
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+from minirbt.data import build_pretraining_dataset
+from minirbt.matches import PRESETS, build_projections, check_matches, match_losses, needs_attentions, resolve_matches
+from minirbt.refs import RefBuilder, write_ref_file
+from minirbt.segmentation import make_segmenter
+from minirbt.textio import CorpusError
+from minirbt.tokenization import LineTokenizer
+from minirbt.trainer import DistillArguments, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tokenizer, vocab_dir, real_lines):
+    d = tmp_path_factory.mktemp("distill_data")
+    lines = [x for x in real_lines if x.strip()]
+    (d / "train.txt").write_text("\n".join(lines[:1500]) + "\n", encoding="utf-8")
+    (d / "dev.txt").write_text("\n".join(lines[1500:1800]) + "\n", encoding="utf-8")
+    builder = RefBuilder(LineTokenizer(tokenizer), make_segmenter("jieba"))
+    for name in ("train", "dev"):
+        write_ref_file(builder, d / f"{name}.txt", d / f"{name}_ref.txt", progress=False)
+    build_pretraining_dataset([d / "train.txt"], [d / "train_ref.txt"], vocab_dir, d / "ds", max_seq_length=64,
+                              dev_files=[d / "dev.txt"], dev_refs=[d / "dev_ref.txt"])
+    return d / "ds"
+
+
+@pytest.fixture(scope="module")
+def student_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "student.json"
+    path.write_text(json.dumps(tiny_bert(layers=2, hidden=32, heads=2, ffn=64).config.to_dict()))
+    return path
+
+
+MATCHES = json.dumps([
+    {"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]},
+    {"layer_T": 4, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]},
+    {"layer_T": 4, "layer_S": 2, "feature": "attention", "loss": "attention_mse_sum", "weight": 10},
+])
+
+
+def args_for(tiny_teacher, dataset, student_config, out, **kw):
+    base = dict(teacher=str(tiny_teacher), dataset=str(dataset), output_dir=str(out),
+                student_config=str(student_config), matches=[MATCHES], temperature=1.0, mlm_weight=1.0,
+                max_steps=8, batch_size=8, learning_rate=1e-3, warmup_ratio=0.1, save_steps=4, eval_steps=0,
+                logging_steps=1, seed=3)
+    base.update(kw)
+    return DistillArguments(**base)
+
+
+def test_distillation_lowers_every_loss_and_moves_student_to_teacher(tiny_teacher, dataset, student_config, tmp_path):
+    summary = train(args_for(tiny_teacher, dataset, student_config, tmp_path / "out", max_steps=60,
+                             eval_steps=60, eval_batches=8, save_steps=60, learning_rate=2e-3))
+    history = summary["history"]
+    terms = [k for k in history[0] if k != "step"]
+    assert {"kd", "mlm"} <= set(terms) and len(terms) == 5
+    for term in terms:
+        first = sum(h[term] for h in history[:5]) / 5
+        last = sum(h[term] for h in history[-5:]) / 5
+        assert last < first, (term, first, last)
+    start, end = summary["dev_start"], summary["dev"]
+    assert end["kd_loss"] < start["kd_loss"] - 0.05  # closer to the teacher's distributions on dev
+    assert end["top1_agreement"] > start["top1_agreement"]
+    model = BertModel.from_pretrained(str(tmp_path / "out"))  # the final folder loads as a plain BERT
+    assert model.config.num_hidden_layers == 2
+    assert (tmp_path / "out" / "runs").is_dir()
+
+
+def final_weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_after_kill_is_exact(tiny_teacher, dataset, student_config, tmp_path):
+    straight = tmp_path / "straight"
+    train(args_for(tiny_teacher, dataset, student_config, straight, max_steps=12, save_steps=4))
+
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, str(ROOT / "pretraining/train.py"), "--teacher", str(tiny_teacher), "--dataset",
+           str(dataset), "--output_dir", str(resumed), "--student_config", str(student_config), "--matches", MATCHES,
+           "--temperature", "1", "--mlm_weight", "1", "--max_steps", "12", "--batch_size", "8", "--learning_rate",
+           "1e-3", "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1", "--seed", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (resumed / "checkpoint-0000004").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "minirbt_training.json").exists(), "finished before the kill"
+    subprocess.run(cmd + ["--resume"], check=True, capture_output=True)
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher, dataset, student_config, tmp_path):
+    common = ["--teacher", str(tiny_teacher), "--dataset", str(dataset), "--student_config", str(student_config),
+              "--matches", MATCHES, "--temperature", "1", "--mlm_weight", "1", "--max_steps", "4", "--batch_size", "4",
+              "--learning_rate", "1e-3", "--save_steps", "4", "--eval_steps", "0", "--seed", "5"]
+    run_script("pretraining/train.py", *common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", str(ROOT / "pretraining/train.py"), *common,
+                           "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    changed = final_weights(tmp_path / "one")["bert.encoder.layer.0.attention.self.query.weight"]
+    init = BertForMaskedLM(BertConfig.from_json_file(str(student_config)))
+    assert not torch.allclose(changed, init.bert.encoder.layer[0].attention.self.query.weight)
+
+
+def _shapes_for(preset):
+    """Teacher/student configs that fit a preset: real widths, tiny everything else."""
+    matches = resolve_matches([preset])
+    n_t = max(max(m["layer_T"]) if isinstance(m["layer_T"], list) else m["layer_T"] for m in matches)
+    n_s = max(max(m["layer_S"]) if isinstance(m["layer_S"], list) else m["layer_S"] for m in matches)
+    proj = next((m["proj"] for m in matches if "proj" in m), None)
+    h_t = proj[2] if proj else 64
+    h_s = proj[1] if proj else 64
+    heads = 4 if h_s % 4 == 0 and h_t % 4 == 0 else 2
+    return matches, (n_t, h_t, heads), (n_s, h_s, heads)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs_a_step(preset):
+    matches, (n_t, h_t, a_t), (n_s, h_s, a_s) = _shapes_for(preset)
+    attn = "eager" if needs_attentions(matches) else "sdpa"
+
+    def model(n, h, a):
+        cfg = BertConfig(vocab_size=50, hidden_size=h, num_hidden_layers=n, num_attention_heads=a,
+                         intermediate_size=16, max_position_embeddings=16)
+        cfg._attn_implementation = attn
+        return BertModel(cfg)
+
+    teacher, student = model(n_t, h_t, a_t), model(n_s, h_s, a_s)
+    check_matches(matches, n_t, n_s, h_t, h_s, a_t, a_s)
+    proj = build_projections(matches)
+    ids = torch.randint(5, 50, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    out_t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
+    out_s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
+    losses = match_losses(matches, proj, out_s.hidden_states, out_t.hidden_states, out_s.attentions,
+                          out_t.attentions, mask)
+    assert len(losses) == len(matches) and all(torch.isfinite(x) and x >= 0 for x in losses)
+    sum(losses).backward()
+    assert student.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_attention_ce_is_right_for_probabilities():
+    from minirbt.matches import att_prob_ce_loss
+
+    p = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)
+    q = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert torch.allclose(att_prob_ce_loss(p, p), entropy, atol=1e-6)  # CE(p, p) = H(p): minimum
+    assert att_prob_ce_loss(q, p) > att_prob_ce_loss(p, p)
+
+
+@pytest.mark.parametrize("case", ["vocab", "layer", "proj", "columns", "checkpoint", "both_students", "heads"])
+def test_clear_errors(case, tiny_teacher, dataset, student_config, tmp_path, vocab_dir):
+    kw = {}
+    message = {
+        "vocab": "vocab mismatch", "layer": r"layer_S \[3\] out of range 0\.\.2",
+        "proj": r"does not fit student width 32", "columns": "lacks columns",
+        "checkpoint": "cannot load checkpoint", "both_students": "exactly one of",
+        "heads": "compares heads one to one",
+    }[case]
+    if case == "vocab":
+        cfg = json.loads(student_config.read_text())
+        cfg["vocab_size"] = 8000
+        (tmp_path / "s.json").write_text(json.dumps(cfg))
+        kw["student_config"] = str(tmp_path / "s.json")
+    elif case == "layer":
+        kw["matches"] = ['[{"layer_T": 4, "layer_S": 3, "feature": "hidden", "loss": "hidden_mse", '
+                         '"proj": ["linear", 32, 64]}]']
+    elif case == "proj":
+        kw["matches"] = ['[{"layer_T": 4, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", '
+                         '"proj": ["linear", 256, 768]}]']
+    elif case == "heads":
+        kw["matches"] = ["L4_attention_mse"]
+    elif case == "columns":
+        import datasets
+
+        bad = tmp_path / "bad_ds"
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(bad))
+        (bad / "minirbt_dataset.json").write_text((dataset / "minirbt_dataset.json").read_text())
+        kw["dataset"] = str(bad)
+    elif case == "checkpoint":
+        out = tmp_path / "ck"
+        train(args_for(tiny_teacher, dataset, student_config, out, max_steps=4, save_steps=2))
+        (out / "checkpoint-0000004" / "model.safetensors").write_bytes(b"not a safetensors file")
+        kw.update(output_dir=str(out), resume=True, max_steps=6)
+    elif case == "both_students":
+        kw["student_init"] = str(tiny_teacher)
+    with pytest.raises(CorpusError, match=message):
+        train(args_for(tiny_teacher, kw.pop("dataset", dataset), kw.pop("student_config", student_config),
+                       kw.pop("output_dir", tmp_path / "o"), **kw))
+
+
+def test_distill_sh_explains_a_missing_teacher(tmp_path):
+    for cwd, script in ((ROOT, "pretraining/distill.sh"), (ROOT / "pretraining", "distill.sh")):
+        proc = subprocess.run(["sh", script], cwd=cwd, capture_output=True, text=True,
+                              env=dict(os.environ, TEACHER=str(tmp_path / "nope")))
+        assert proc.returncode == 2 and "no teacher at" in proc.stderr and "config.json" in proc.stderr
