@@ -143,6 +143,24 @@ def teacher_forward(teacher: BertForMaskedLM, batch: dict, select: torch.Tensor,
         return teacher.cls(out.last_hidden_state[select]), out.hidden_states, out.attentions
 
 
+def distill_losses(teacher: BertForMaskedLM, student: nn.Module, projections: nn.ModuleList, batch: dict,
+                   select: torch.Tensor, matches: list[dict], args: DistillArguments, autocast,
+                   need_hidden: bool, need_att: bool) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of one micro-batch (fp32). ``student`` may be DDP-wrapped."""
+    with autocast:
+        logits_T, hid_T, att_T = teacher_forward(teacher, batch, select, need_hidden, need_att)
+        logits_S, hid_S, att_S = student(batch, select, need_hidden, need_att)
+    terms = {}
+    ls, lt = logits_S.float(), logits_T.float()
+    if args.kd_weight:
+        terms["kd"] = args.kd_weight * KD_LOSSES[args.kd_loss](ls, lt, args.temperature)
+    if args.mlm_weight:
+        terms["mlm"] = args.mlm_weight * F.cross_entropy(ls, batch["labels"][select])
+    for i, loss in enumerate(match_losses(matches, projections, hid_S, hid_T, att_S, att_T, batch["attention_mask"])):
+        terms[f"match{i}_{matches[i]['loss']}"] = loss
+    return terms
+
+
 def _sub_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
@@ -318,7 +336,6 @@ def train(args: DistillArguments) -> dict:
     need_hidden = any(m["feature"] == "hidden" for m in matches)
     need_att = needs_attentions(matches)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    kd_fn = KD_LOSSES[args.kd_loss]
 
     writer = None
     if d.main:
@@ -351,18 +368,8 @@ def train(args: DistillArguments) -> dict:
             sync = m == A - 1 or d.world == 1
             ctx = ddp_student.no_sync() if (d.world > 1 and not sync) else nullcontext()
             with ctx:
-                with autocast:
-                    logits_T, hid_T, att_T = teacher_forward(teacher, batch, select, need_hidden, need_att)
-                    logits_S, hid_S, att_S = ddp_student(batch, select, need_hidden, need_att)
-                terms = {}
-                ls, lt = logits_S.float(), logits_T.float()
-                if args.kd_weight:
-                    terms["kd"] = args.kd_weight * kd_fn(ls, lt, args.temperature)
-                if args.mlm_weight:
-                    terms["mlm"] = args.mlm_weight * F.cross_entropy(ls, batch["labels"][select])
-                for i, loss in enumerate(match_losses(matches, student.projections, hid_S, hid_T, att_S, att_T,
-                                                      batch["attention_mask"])):
-                    terms[f"match{i}_{matches[i]['loss']}"] = loss
+                terms = distill_losses(teacher, ddp_student, student.projections, batch, select, matches, args,
+                                       autocast, need_hidden, need_att)
                 total = sum(terms.values())
                 for name, value in terms.items():
                     if not torch.isfinite(value):
