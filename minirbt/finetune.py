@@ -1,0 +1,503 @@
+"""Stage 5: CLUE fine-tuning, evaluation and task-specific distillation.
+
+One loop for classification and span extraction: epochs over shuffled batches,
+AdamW with linear warm-up/decay, evaluation on dev after every epoch, the best
+epoch kept; several seeds, each from the same starting folder. With ``--teacher``
+(a fine-tuned folder of the same task) the loss is TinyBERT's prediction-layer
+distillation: ``kd_weight`` x soft cross-entropy at ``--temperature`` plus
+``hard_label_weight`` x the usual cross-entropy, plus optional intermediate matches
+(the pretraining format, :mod:`minirbt.matches`). ``--augment N`` adds N
+variants of every training example in which words (jieba/LTP segmentation) are
+replaced, with probability p, by a masked LM's predictions for the whole word;
+the teacher labels them (they carry no gold label).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    get_linear_schedule_with_warmup,
+)
+from transformers.utils import logging as hf_logging
+
+from minirbt.matches import (
+    KD_LOSSES,
+    build_projections,
+    check_matches,
+    match_losses,
+    needs_attentions,
+    resolve_matches,
+)
+from minirbt.modeling import check_model_folder, write_model_files
+from minirbt.tasks import LABELS, SMALL_MODEL_LR, Example, MRCExample, cmrc_score, read_classification, read_squad
+from minirbt.textio import CorpusError, atomic_path
+from minirbt.tokenization import load_tokenizer
+
+
+@dataclass
+class FinetuneArguments:
+    task: str = field(metadata={"help": "Task name (see --help of the script)."})
+    model: str = field(metadata={"help": "Model folder to fine-tune (teacher, TA or student)."})
+    train_file: str = field(metadata={"help": "Training file in the task's native format."})
+    dev_file: str = field(metadata={"help": "Dev file (scored after every epoch)."})
+    output_dir: str = field(metadata={"help": "results.json, predictions and the best model go here."})
+    test_file: str | None = field(default=None, metadata={"help": "Optional test file: predictions written."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Default: MiniRBT's recommendation: 2e-5 for 12-layer 768-wide models, else 1e-4 (OCNLI 5e-5)."})
+    epochs: int = field(default=3, metadata={"help": "Training epochs."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per input (MRC: per window)."})
+    seeds: str = field(default="1", metadata={"help": "Comma-separated seeds, e.g. 1,2,3."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (losses in fp32)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not bias/LayerNorm)."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N (quick runs)."})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "Score only the first N dev examples."})
+    # task distillation
+    teacher: str | None = field(default=None, metadata={"help": "Fine-tuned teacher folder: distil from it."})
+    temperature: float = field(default=4.0, metadata={"help": "KD temperature (TextBrewer's default 4)."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the soft cross-entropy."})
+    hard_label_weight: float = field(default=0.0, metadata={"help": "Weight of the gold-label loss with --teacher."})
+    matches: list[str] = field(default_factory=list, metadata={"nargs": "*", "help": "Intermediate matches."})
+    augment: int = field(default=0, metadata={"help": "Augmented variants per training example (needs --teacher)."})
+    augment_prob: float = field(default=0.4, metadata={"help": "Probability of replacing each word."})
+    augment_mlm: str | None = field(default=None, metadata={
+        "help": "Masked-LM folder proposing replacements (default: --model if it has an MLM head)."})
+    augment_candidates: int = field(default=15, metadata={"help": "Candidates per word (TinyBERT: 15)."})
+    segmenter: str = field(default="jieba", metadata={"help": "Word segmenter for --augment: jieba or ltp."})
+    ltp_model: str | None = field(default=None, metadata={"help": "LTP folder for --segmenter ltp."})
+    # MRC
+    doc_stride: int = field(default=128, metadata={"help": "MRC: overlap between context windows."})
+    max_answer_length: int = field(default=30, metadata={"help": "MRC: longest answer in tokens."})
+    n_best: int = field(default=20, metadata={"help": "MRC: start/end candidates per window."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
+
+
+def default_lr(args: FinetuneArguments, config) -> float:
+    if args.learning_rate is not None:
+        return args.learning_rate
+    if config.hidden_size >= 768 and config.num_hidden_layers >= 12:
+        return 2e-5
+    return SMALL_MODEL_LR.get(args.task, 1e-4)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _quiet_load(cls, folder: str, **kw):
+    """from_pretrained without the 'newly initialized weights' notice (a new task head is expected)."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(folder, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise CorpusError(f"cannot load a model from {folder}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _optimizer(model, extra, lr, wd, total_steps, warmup):
+    params = [(n, p) for n, p in list(model.named_parameters()) + list(extra.named_parameters()) if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "LayerNorm" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "LayerNorm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    return opt, get_linear_schedule_with_warmup(opt, int(warmup * total_steps), total_steps)
+
+
+def _kd(logits_s: torch.Tensor, logits_t: torch.Tensor, t: float) -> torch.Tensor:
+    return KD_LOSSES["ce"](logits_s.float(), logits_t.float(), t)
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(teacher || student) between predicted distributions."""
+    p = torch.log_softmax(torch.from_numpy(p_logits).float(), -1)
+    q = torch.log_softmax(torch.from_numpy(q_logits).float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+# ------------------------------------------------------------------ classification
+def _encode(tokenizer, examples: list[Example], max_len: int) -> list[dict]:
+    enc = tokenizer([e.text_a for e in examples], [e.text_b for e in examples] if examples[0].text_b is not None
+                    else None, truncation=True, max_length=max_len)
+    return [{"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
+             "label": -100 if e.label is None else e.label} for i, e in enumerate(examples)]
+
+
+def _pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    tt = torch.zeros((len(rows), n), dtype=torch.long)
+    att = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, :k] = torch.tensor(r["input_ids"])
+        tt[i, :k] = torch.tensor(r["token_type_ids"])
+        att[i, :k] = 1
+    out = {"input_ids": ids, "token_type_ids": tt, "attention_mask": att}
+    for key in ("label", "start_positions", "end_positions"):
+        if key in rows[0]:
+            out[key] = torch.tensor([r[key] for r in rows])
+    return out
+
+
+@torch.no_grad()
+def _logits(model, rows: list[dict], pad_id: int, batch_size: int, device, autocast) -> np.ndarray | tuple:
+    model.eval()
+    outs: list = []
+    for i in range(0, len(rows), batch_size):
+        b = _pad(rows[i : i + batch_size], pad_id)
+        inputs = {k: b[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")}
+        with autocast:
+            o = model(**inputs)
+        if hasattr(o, "start_logits"):
+            outs.append((o.start_logits.float().cpu().numpy(), o.end_logits.float().cpu().numpy()))
+        else:
+            outs.append(o.logits.float().cpu().numpy())
+    model.train()
+    if outs and isinstance(outs[0], tuple):
+        return [s for s, _ in outs], [e for _, e in outs]
+    return np.concatenate(outs) if outs else np.zeros((0, 1))
+
+
+def augment_examples(examples: list[Example], n: int, prob: float, mlm_dir: str, segmenter, seed: int,
+                     candidates: int = 15, device="cpu", max_length: int = 128) -> list[Example]:
+    """TinyBERT-style augmentation for Chinese: whole words replaced by masked-LM predictions."""
+    from minirbt.refs import is_cjk_word
+
+    tokenizer = load_tokenizer(mlm_dir)
+    mlm = _quiet_load(BertForMaskedLM, mlm_dir).to(device).eval()
+    rng = random.Random(seed)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out: list[Example] = []
+
+    def proposals(text: str) -> list[tuple[str, list[str]]]:
+        """Each word of ``text`` with the replacements the MLM proposes for it (whole word masked)."""
+        words = segmenter.segment([text])[0]
+        spans, pos = [], 0
+        for w in words:
+            spans.append((w, pos))
+            pos += len(w)
+        todo = [i for i, (w, _) in enumerate(spans) if 1 <= len(w) <= 4 and is_cjk_word(w)]
+        props = {i: [] for i in todo}
+        if todo:
+            masked = ["".join("[MASK]" * len(w) if j == i else w for j, (w, _) in enumerate(spans)) for i in todo]
+            enc = tokenizer(masked, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            is_mask = enc["input_ids"] == tokenizer.mask_token_id
+            with torch.no_grad():
+                hidden = mlm.bert(**{k: v.to(device) for k, v in enc.items()}).last_hidden_state
+                # the vocabulary projection only at the masked positions
+                top = mlm.cls(hidden[is_mask.to(device)]).topk(candidates, dim=-1).indices.tolist()
+            k = 0
+            for row, i in enumerate(todo):
+                n_mask = int(is_mask[row].sum())
+                rows_top, k = top[k : k + n_mask], k + n_mask
+                if n_mask != len(spans[i][0]):
+                    continue  # truncated away
+                for r in range(candidates):
+                    cand = "".join(vocab[t[r]] for t in rows_top)
+                    if cand != spans[i][0] and is_cjk_word(cand):
+                        props[i].append(cand)
+        return [(w, props.get(i, [])) for i, (w, _) in enumerate(spans)]
+
+    for ex in tqdm(examples, desc="augmenting", leave=False):
+        pa = proposals(ex.text_a)
+        pb = proposals(ex.text_b) if ex.text_b is not None else None
+        for _ in range(n):
+            def sample(p):
+                return "".join(rng.choice(c) if c and rng.random() < prob else w for w, c in p)
+
+            out.append(Example(sample(pa), sample(pb) if pb is not None else None, None, ex.guid + "-aug"))
+    return out
+
+
+def run_classification(args: FinetuneArguments) -> dict:
+    if args.task not in LABELS:
+        raise CorpusError(f"unknown classification task {args.task!r}: one of {', '.join(LABELS)}")
+    check_model_folder(args.model, "model")
+    train_ex, train_rep = read_classification(args.task, args.train_file)
+    dev_ex, dev_rep = read_classification(args.task, args.dev_file)
+    if any(e.label is None for e in dev_ex):
+        raise CorpusError(f"{args.dev_file}: dev examples need gold labels")
+    test_ex = read_classification(args.task, args.test_file)[0] if args.test_file else None
+    train_ex = train_ex[: args.max_train_examples] if args.max_train_examples else train_ex
+    dev_ex = dev_ex[: args.max_eval_examples] if args.max_eval_examples else dev_ex
+    for rep in (train_rep, dev_rep):
+        print(rep.summary(), flush=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    tokenizer = load_tokenizer(args.model)
+    n_labels = len(LABELS[args.task])
+    matches = resolve_matches(args.matches)
+    attn = "eager" if needs_attentions(matches) else None
+    teacher = None
+    if args.teacher:
+        check_model_folder(args.teacher, "teacher")
+        teacher = _quiet_load(BertForSequenceClassification, args.teacher,
+                              **({"attn_implementation": attn} if attn else {})).to(device).eval()
+        if teacher.config.num_labels != n_labels:
+            raise CorpusError(f"teacher {args.teacher} has {teacher.config.num_labels} labels, task {args.task} "
+                              f"has {n_labels}: is it fine-tuned on this task?")
+    elif args.augment or matches:
+        raise CorpusError("--augment and --matches need --teacher (a fine-tuned teacher folder)")
+    if args.augment:
+        from minirbt.segmentation import make_segmenter
+
+        mlm_dir = args.augment_mlm or args.model
+        seg = make_segmenter(args.segmenter, args.ltp_model)
+        extra = augment_examples(train_ex, args.augment, args.augment_prob, mlm_dir, seg, 0,
+                                 args.augment_candidates, device, args.max_seq_length)
+        print(f"augmentation: {len(extra)} new examples from {len(train_ex)}", flush=True)
+        train_ex = train_ex + extra
+
+    train_rows = _encode(tokenizer, train_ex, args.max_seq_length)
+    dev_rows = _encode(tokenizer, dev_ex, args.max_seq_length)
+    test_rows = _encode(tokenizer, test_ex, args.max_seq_length) if test_ex else None
+    gold = np.array([e.label for e in dev_ex])
+    teacher_dev = _logits(teacher, dev_rows, tokenizer.pad_token_id, 64, device, autocast) if teacher else None
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    per_seed, best_overall = [], None
+    t0 = time.perf_counter()
+    for seed in seeds:
+        _seed_all(seed)
+        model = _quiet_load(BertForSequenceClassification, args.model, num_labels=n_labels,
+                            **({"attn_implementation": attn} if attn else {})).to(device)
+        if teacher is not None:
+            check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
+                          teacher.config.hidden_size, model.config.hidden_size,
+                          teacher.config.num_attention_heads, model.config.num_attention_heads)
+        projections = build_projections(matches).to(device)
+        lr = default_lr(args, model.config)
+        steps_per_epoch = math.ceil(len(train_rows) / args.batch_size)
+        opt, sched = _optimizer(model, projections, lr, args.weight_decay, steps_per_epoch * args.epochs,
+                                args.warmup_ratio)
+        kl_before = _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)) \
+            if teacher is not None else None
+        best = {"accuracy": -1.0}
+        history = []
+        for epoch in range(args.epochs):
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            bar = tqdm(range(0, len(order), args.batch_size), desc=f"seed {seed} epoch {epoch + 1}", leave=False)
+            for i in bar:
+                b = _pad([train_rows[j] for j in order[i : i + args.batch_size].tolist()], tokenizer.pad_token_id)
+                b = {k: v.to(device) for k, v in b.items()}
+                inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+                need_h = any(m["feature"] == "hidden" for m in matches)
+                with autocast:
+                    out = model(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
+                labels = b["label"]
+                has_gold = labels != -100
+                if teacher is None:
+                    loss = F.cross_entropy(out.logits.float(), labels)
+                else:
+                    with torch.no_grad(), autocast:
+                        tout = teacher(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
+                    loss = args.kd_weight * _kd(out.logits, tout.logits, args.temperature)
+                    if args.hard_label_weight and has_gold.any():
+                        loss = loss + args.hard_label_weight * F.cross_entropy(out.logits.float()[has_gold],
+                                                                               labels[has_gold])
+                    for term in match_losses(matches, projections, out.hidden_states, tout.hidden_states,
+                                             out.attentions, tout.attentions, inputs["attention_mask"]):
+                        loss = loss + term
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(projections.parameters()), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            logits = _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)
+            acc = float((logits.argmax(-1) == gold).mean())
+            history.append({"epoch": epoch + 1, "accuracy": acc})
+            print(f"seed {seed} epoch {epoch + 1}: dev accuracy {acc:.4f}", flush=True)
+            if acc > best["accuracy"]:
+                best = {"accuracy": acc, "epoch": epoch + 1, "logits": logits,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        record = {"seed": seed, "accuracy": best["accuracy"], "best_epoch": best["epoch"], "history": history,
+                  "learning_rate": lr}
+        if teacher is not None:
+            record["kl_to_teacher"] = {"before": kl_before, "after": _kl(teacher_dev, best["logits"])}
+        per_seed.append(record)
+        if best_overall is None or best["accuracy"] > best_overall["accuracy"]:
+            model.load_state_dict(best["state"])
+            best_overall = {"accuracy": best["accuracy"], "seed": seed, "model": model, "logits": best["logits"]}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    majority = float(np.bincount(gold, minlength=n_labels).max() / len(gold))
+    accs = [r["accuracy"] for r in per_seed]
+    results = {"task": args.task, "metric": "accuracy", "accuracy": float(np.mean(accs)),
+               "std": float(np.std(accs)), "per_seed": per_seed, "best": max(accs), "best_seed": best_overall["seed"],
+               "majority_class_accuracy": majority, "train_examples": len(train_ex), "dev_examples": len(dev_ex),
+               "read": {"train": train_rep.summary(), "dev": dev_rep.summary()},
+               "seconds": time.perf_counter() - t0, "args": asdict(args)}
+    labels = LABELS[args.task]
+    _write_jsonl(out / "dev_predictions.jsonl", [
+        {"id": e.guid, "label": labels[int(p)], "gold": labels[e.label]}
+        for e, p in zip(dev_ex, best_overall["logits"].argmax(-1))])
+    if test_rows:
+        tl = _logits(best_overall["model"], test_rows, tokenizer.pad_token_id, 64, device, autocast)
+        _write_jsonl(out / "test_predictions.jsonl", [{"id": e.guid, "label": labels[int(p)]}
+                                                       for e, p in zip(test_ex, tl.argmax(-1))])
+    _save_best(best_overall["model"], args.model, out / "best")
+    _write_json(out / "results.json", results)
+    return results
+
+
+def _save_best(model, vocab_from: str, folder: Path) -> None:
+    with atomic_path(folder, is_dir=True) as tmp:
+        write_model_files(model, Path(vocab_from) / "vocab.txt", tmp)
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+# ------------------------------------------------------------------ span extraction (CMRC 2018, DRCD)
+def _mrc_features(tokenizer, examples: list[MRCExample], args: FinetuneArguments, train: bool) -> list[dict]:
+    enc = tokenizer([e.question for e in examples], [e.context for e in examples], truncation="only_second",
+                    max_length=args.max_seq_length, stride=args.doc_stride, return_overflowing_tokens=True,
+                    return_offsets_mapping=True)
+    rows = []
+    for i in range(len(enc["input_ids"])):
+        ex_idx = enc["overflow_to_sample_mapping"][i]
+        ex = examples[ex_idx]
+        seq_ids = enc.sequence_ids(i)
+        offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"][i], seq_ids)]
+        row = {"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i], "example": ex_idx,
+               "offsets": offsets}
+        if train:
+            if ex.answer_start is None:
+                continue  # answer_start did not match the context: counted when reading
+            s_char, e_char = ex.answer_start, ex.answer_start + len(ex.answers[0])
+            ctx = [k for k, o in enumerate(offsets) if o is not None]
+            if offsets[ctx[0]][0] <= s_char and offsets[ctx[-1]][1] >= e_char:
+                start = next(k for k in ctx if offsets[k][1] > s_char)
+                end = next(k for k in reversed(ctx) if offsets[k][0] < e_char)
+            else:
+                start = end = 0  # the answer is not in this window: point at [CLS]
+            row.update(start_positions=start, end_positions=end)
+        rows.append(row)
+    return rows
+
+
+def _decode(examples: list[MRCExample], rows: list[dict], starts, ends, n_best: int, max_len: int) -> dict:
+    best: dict[int, tuple[float, str]] = {}
+    flat_s = [x for b in starts for x in b]
+    flat_e = [x for b in ends for x in b]
+    for row, s_log, e_log in zip(rows, flat_s, flat_e):
+        offsets = row["offsets"]
+        n = len(offsets)
+        s_idx = np.argsort(s_log[:n])[::-1][:n_best]
+        e_idx = np.argsort(e_log[:n])[::-1][:n_best]
+        ex = examples[row["example"]]
+        for s in s_idx:
+            for e in e_idx:
+                if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_len:
+                    continue
+                score = float(s_log[s] + e_log[e])
+                if row["example"] not in best or score > best[row["example"]][0]:
+                    best[row["example"]] = (score, ex.context[offsets[s][0] : offsets[e][1]])
+    return {ex.qid: best.get(i, (0.0, ""))[1] for i, ex in enumerate(examples)}
+
+
+def run_mrc(args: FinetuneArguments) -> dict:
+    if args.task not in ("cmrc2018", "drcd"):
+        raise CorpusError(f"unknown reading-comprehension task {args.task!r}: cmrc2018 or drcd")
+    if args.augment:
+        raise CorpusError("--augment is for the classification tasks")
+    check_model_folder(args.model, "model")
+    train_ex, train_rep = read_squad(args.train_file)
+    dev_ex, dev_rep = read_squad(args.dev_file)
+    train_ex = train_ex[: args.max_train_examples] if args.max_train_examples else train_ex
+    dev_ex = dev_ex[: args.max_eval_examples] if args.max_eval_examples else dev_ex
+    for rep in (train_rep, dev_rep):
+        print(rep.summary(), flush=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    tokenizer = load_tokenizer(args.model)
+    train_rows = _mrc_features(tokenizer, train_ex, args, train=True)
+    dev_rows = _mrc_features(tokenizer, dev_ex, args, train=False)
+    teacher = _quiet_load(BertForQuestionAnswering, args.teacher).to(device).eval() if args.teacher else None
+    per_seed, best_overall = [], None
+    t0 = time.perf_counter()
+    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+        _seed_all(seed)
+        model = _quiet_load(BertForQuestionAnswering, args.model).to(device)
+        lr = default_lr(args, model.config)
+        steps = math.ceil(len(train_rows) / args.batch_size) * args.epochs
+        opt, sched = _optimizer(model, torch.nn.ModuleList(), lr, args.weight_decay, steps, args.warmup_ratio)
+        best = {"f1": -1.0}
+        history = []
+        for epoch in range(args.epochs):
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            for i in tqdm(range(0, len(order), args.batch_size), desc=f"seed {seed} epoch {epoch + 1}", leave=False):
+                b = _pad([train_rows[j] for j in order[i : i + args.batch_size].tolist()], tokenizer.pad_token_id)
+                b = {k: v.to(device) for k, v in b.items()}
+                inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+                with autocast:
+                    out = model(**inputs)
+                s_log, e_log = out.start_logits.float(), out.end_logits.float()
+                if teacher is None:
+                    loss = (F.cross_entropy(s_log, b["start_positions"]) + F.cross_entropy(e_log, b["end_positions"]))
+                    loss = loss / 2
+                else:
+                    with torch.no_grad(), autocast:
+                        t = teacher(**inputs)
+                    loss = args.kd_weight * (_kd(s_log, t.start_logits, args.temperature)
+                                             + _kd(e_log, t.end_logits, args.temperature)) / 2
+                    if args.hard_label_weight:
+                        loss = loss + args.hard_label_weight * (F.cross_entropy(s_log, b["start_positions"])
+                                                                + F.cross_entropy(e_log, b["end_positions"])) / 2
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            starts, ends = _logits(model, dev_rows, tokenizer.pad_token_id, 32, device, autocast)
+            preds = _decode(dev_ex, dev_rows, starts, ends, args.n_best, args.max_answer_length)
+            score = cmrc_score(dev_ex, preds)
+            history.append({"epoch": epoch + 1, **score})
+            print(f"seed {seed} epoch {epoch + 1}: dev EM {score['em']:.2f} F1 {score['f1']:.2f}", flush=True)
+            if score["f1"] > best["f1"]:
+                best = {**score, "epoch": epoch + 1, "preds": preds,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        per_seed.append({"seed": seed, "em": best["em"], "f1": best["f1"], "best_epoch": best["epoch"],
+                         "history": history, "learning_rate": lr})
+        if best_overall is None or best["f1"] > best_overall["f1"]:
+            model.load_state_dict(best["state"])
+            best_overall = {"f1": best["f1"], "seed": seed, "model": model, "preds": best["preds"]}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"task": args.task, "metric": "em/f1", "em": float(np.mean([r["em"] for r in per_seed])),
+               "f1": float(np.mean([r["f1"] for r in per_seed])), "per_seed": per_seed,
+               "best": {"em": max(r["em"] for r in per_seed), "f1": max(r["f1"] for r in per_seed)},
+               "best_seed": best_overall["seed"], "train_features": len(train_rows), "dev_questions": len(dev_ex),
+               "skipped_bad_answers": len(train_rep.skipped_bad),
+               "read": {"train": train_rep.summary(), "dev": dev_rep.summary()},
+               "seconds": time.perf_counter() - t0, "args": asdict(args)}
+    _write_json(out / "dev_predictions.json", best_overall["preds"])
+    _save_best(best_overall["model"], args.model, out / "best")
+    _write_json(out / "results.json", results)
+    return results
+
