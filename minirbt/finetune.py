@@ -438,15 +438,29 @@ def run_mrc(args: FinetuneArguments) -> dict:
     tokenizer = load_tokenizer(args.model)
     train_rows = _mrc_features(tokenizer, train_ex, args, train=True)
     dev_rows = _mrc_features(tokenizer, dev_ex, args, train=False)
-    teacher = _quiet_load(BertForQuestionAnswering, args.teacher).to(device).eval() if args.teacher else None
+    matches = resolve_matches(args.matches)
+    attn = "eager" if needs_attentions(matches) else None
+    attn_kw = {"attn_implementation": attn} if attn else {}
+    teacher = None
+    if args.teacher:
+        check_model_folder(args.teacher, "teacher")
+        teacher = _quiet_load(BertForQuestionAnswering, args.teacher, **attn_kw).to(device).eval()
+    elif matches:
+        raise CorpusError("--matches needs --teacher (a fine-tuned teacher folder)")
+    need_h = any(m["feature"] == "hidden" for m in matches)
     per_seed, best_overall = [], None
     t0 = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
         _seed_all(seed)
-        model = _quiet_load(BertForQuestionAnswering, args.model).to(device)
+        model = _quiet_load(BertForQuestionAnswering, args.model, **attn_kw).to(device)
+        if teacher is not None:
+            check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
+                          teacher.config.hidden_size, model.config.hidden_size,
+                          teacher.config.num_attention_heads, model.config.num_attention_heads)
+        projections = build_projections(matches).to(device)
         lr = default_lr(args, model.config)
         steps = math.ceil(len(train_rows) / args.batch_size) * args.epochs
-        opt, sched = _optimizer(model, torch.nn.ModuleList(), lr, args.weight_decay, steps, args.warmup_ratio)
+        opt, sched = _optimizer(model, projections, lr, args.weight_decay, steps, args.warmup_ratio)
         best = {"f1": -1.0}
         history = []
         for epoch in range(args.epochs):
@@ -456,21 +470,24 @@ def run_mrc(args: FinetuneArguments) -> dict:
                 b = {k: v.to(device) for k, v in b.items()}
                 inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
                 with autocast:
-                    out = model(**inputs)
+                    out = model(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
                 s_log, e_log = out.start_logits.float(), out.end_logits.float()
                 if teacher is None:
                     loss = (F.cross_entropy(s_log, b["start_positions"]) + F.cross_entropy(e_log, b["end_positions"]))
                     loss = loss / 2
                 else:
                     with torch.no_grad(), autocast:
-                        t = teacher(**inputs)
+                        t = teacher(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
                     loss = args.kd_weight * (_kd(s_log, t.start_logits, args.temperature)
                                              + _kd(e_log, t.end_logits, args.temperature)) / 2
+                    for term in match_losses(matches, projections, out.hidden_states, t.hidden_states,
+                                             out.attentions, t.attentions, inputs["attention_mask"]):
+                        loss = loss + term
                     if args.hard_label_weight:
                         loss = loss + args.hard_label_weight * (F.cross_entropy(s_log, b["start_positions"])
                                                                 + F.cross_entropy(e_log, b["end_positions"])) / 2
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(projections.parameters()), 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

@@ -153,6 +153,15 @@ def test_mrc_on_real_cmrc(shared_data, senti, tmp_path):
     for e in ex[:80]:
         assert preds[e.qid] == "" or preds[e.qid] in e.context  # spans map back to the original characters
     assert cmrc_score(ex[:80], preds)["f1"] == pytest.approx(r["f1"])
+    # distilling the fine-tuned reader into a smaller one, with an intermediate match
+    match = '[{"layer_T": 4, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "proj": ["linear", 32, 64]}]'
+    run_script("finetuning/run_mrc.py", "--task", "cmrc2018", "--model", senti / "small", "--teacher",
+               tmp_path / "mrc" / "best", "--matches", match, "--train_file", shared_data / "cmrc2018" / "trial.json",
+               "--dev_file", shared_data / "cmrc2018" / "dev.json", "--max_train_examples", "60",
+               "--max_eval_examples", "30", "--output_dir", tmp_path / "mrc_kd", "--epochs", "1",
+               "--max_seq_length", "256", "--doc_stride", "64", "--hard_label_weight", "0.5")
+    kd = json.loads((tmp_path / "mrc_kd" / "results.json").read_text())
+    assert kd["dev_questions"] == 30 and 0 <= kd["f1"] <= 100
 
 
 def test_clear_errors(senti, finetuned, tmp_path):
