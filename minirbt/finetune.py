@@ -113,6 +113,30 @@ def _quiet_load(cls, folder: str, **kw):
         hf_logging.set_verbosity(level)
 
 
+def _prepare(args: FinetuneArguments, train_ex: list, dev_ex: list, reports) -> tuple:
+    """Subsets (--max_*_examples), what was read, device, autocast and the tokenizer."""
+    train_ex = train_ex[: args.max_train_examples] if args.max_train_examples else train_ex
+    dev_ex = dev_ex[: args.max_eval_examples] if args.max_eval_examples else dev_ex
+    for rep in reports:
+        print(rep.summary(), flush=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    return train_ex, dev_ex, device, autocast, load_tokenizer(args.model)
+
+
+def _training_setup(args: FinetuneArguments, model, teacher, matches: list[dict], n_rows: int, device) -> tuple:
+    """Match checks, projections, learning rate, optimizer and schedule for one seed."""
+    if teacher is not None:
+        check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
+                      teacher.config.hidden_size, model.config.hidden_size,
+                      teacher.config.num_attention_heads, model.config.num_attention_heads)
+    projections = build_projections(matches).to(device)
+    lr = default_lr(args, model.config)
+    steps = math.ceil(n_rows / args.batch_size) * args.epochs
+    opt, sched = _optimizer(model, projections, lr, args.weight_decay, steps, args.warmup_ratio)
+    return projections, lr, opt, sched
+
+
 def _optimizer(model, extra, lr, wd, total_steps, warmup):
     params = [(n, p) for n, p in list(model.named_parameters()) + list(extra.named_parameters()) if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2 and "LayerNorm" not in n]
@@ -236,13 +260,7 @@ def run_classification(args: FinetuneArguments) -> dict:
     if any(e.label is None for e in dev_ex):
         raise CorpusError(f"{args.dev_file}: dev examples need gold labels")
     test_ex = read_classification(args.task, args.test_file)[0] if args.test_file else None
-    train_ex = train_ex[: args.max_train_examples] if args.max_train_examples else train_ex
-    dev_ex = dev_ex[: args.max_eval_examples] if args.max_eval_examples else dev_ex
-    for rep in (train_rep, dev_rep):
-        print(rep.summary(), flush=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    tokenizer = load_tokenizer(args.model)
+    train_ex, dev_ex, device, autocast, tokenizer = _prepare(args, train_ex, dev_ex, (train_rep, dev_rep))
     n_labels = len(LABELS[args.task])
     matches = resolve_matches(args.matches)
     attn = "eager" if needs_attentions(matches) else None
@@ -278,15 +296,7 @@ def run_classification(args: FinetuneArguments) -> dict:
         _seed_all(seed)
         model = _quiet_load(BertForSequenceClassification, args.model, num_labels=n_labels,
                             **({"attn_implementation": attn} if attn else {})).to(device)
-        if teacher is not None:
-            check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
-                          teacher.config.hidden_size, model.config.hidden_size,
-                          teacher.config.num_attention_heads, model.config.num_attention_heads)
-        projections = build_projections(matches).to(device)
-        lr = default_lr(args, model.config)
-        steps_per_epoch = math.ceil(len(train_rows) / args.batch_size)
-        opt, sched = _optimizer(model, projections, lr, args.weight_decay, steps_per_epoch * args.epochs,
-                                args.warmup_ratio)
+        projections, lr, opt, sched = _training_setup(args, model, teacher, matches, len(train_rows), device)
         kl_before = _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)) \
             if teacher is not None else None
         best = {"accuracy": -1.0}
@@ -429,13 +439,7 @@ def run_mrc(args: FinetuneArguments) -> dict:
     check_model_folder(args.model, "model")
     train_ex, train_rep = read_squad(args.train_file)
     dev_ex, dev_rep = read_squad(args.dev_file)
-    train_ex = train_ex[: args.max_train_examples] if args.max_train_examples else train_ex
-    dev_ex = dev_ex[: args.max_eval_examples] if args.max_eval_examples else dev_ex
-    for rep in (train_rep, dev_rep):
-        print(rep.summary(), flush=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    tokenizer = load_tokenizer(args.model)
+    train_ex, dev_ex, device, autocast, tokenizer = _prepare(args, train_ex, dev_ex, (train_rep, dev_rep))
     train_rows = _mrc_features(tokenizer, train_ex, args, train=True)
     dev_rows = _mrc_features(tokenizer, dev_ex, args, train=False)
     matches = resolve_matches(args.matches)
@@ -453,14 +457,7 @@ def run_mrc(args: FinetuneArguments) -> dict:
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
         _seed_all(seed)
         model = _quiet_load(BertForQuestionAnswering, args.model, **attn_kw).to(device)
-        if teacher is not None:
-            check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
-                          teacher.config.hidden_size, model.config.hidden_size,
-                          teacher.config.num_attention_heads, model.config.num_attention_heads)
-        projections = build_projections(matches).to(device)
-        lr = default_lr(args, model.config)
-        steps = math.ceil(len(train_rows) / args.batch_size) * args.epochs
-        opt, sched = _optimizer(model, projections, lr, args.weight_decay, steps, args.warmup_ratio)
+        projections, lr, opt, sched = _training_setup(args, model, teacher, matches, len(train_rows), device)
         best = {"f1": -1.0}
         history = []
         for epoch in range(args.epochs):
