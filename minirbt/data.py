@@ -164,19 +164,19 @@ def _corpus_errors() -> Iterator[None]:
         raise
 
 
-def _build_split(name: str, spec: SplitSpec, tokenizer_dir: str, vocab_id: str, max_seq_length: int,
-                 num_workers: int, errors: str, cache_dir: str | None) -> tuple[Dataset, dict]:
+def _build_split(name: str, spec: SplitSpec, tokenizer_dir: str, special_ids: tuple[int, int], vocab_id: str,
+                 max_seq_length: int, num_workers: int, errors: str, cache_dir: str | None) -> tuple[Dataset, dict]:
     files = [str(f) for f in spec.files]
     refs = [str(r) for r in spec.refs]
     key = _fingerprint(__version__, _signature(spec), spec.alignment, errors)
     with _corpus_errors():
-        return _build_split_steps(name, files, refs, spec, key, tokenizer_dir, vocab_id, max_seq_length,
-                                  num_workers, errors, cache_dir)
+        return _build_split_steps(name, files, refs, spec, key, tokenizer_dir, special_ids, vocab_id,
+                                  max_seq_length, num_workers, errors, cache_dir)
 
 
 def _build_split_steps(name: str, files: list[str], refs: list[str], spec: SplitSpec, key: str,
-                       tokenizer_dir: str, vocab_id: str, max_seq_length: int, num_workers: int, errors: str,
-                       cache_dir: str | None) -> tuple[Dataset, dict]:
+                       tokenizer_dir: str, special_ids: tuple[int, int], vocab_id: str, max_seq_length: int,
+                       num_workers: int, errors: str, cache_dir: str | None) -> tuple[Dataset, dict]:
     lines = Dataset.from_generator(
         _line_records,
         gen_kwargs={"files": files, "refs": refs, "alignment": spec.alignment, "errors": errors},
@@ -192,15 +192,16 @@ def _build_split_steps(name: str, files: list[str], refs: list[str], spec: Split
         features=Features({"input_ids": Sequence(Value("int32")), "chinese_ref": Sequence(Value("int32"))}),
         desc=f"tokenizing {name}",
     )
-    tokenizer = load_tokenizer(tokenizer_dir)
+    block = max_seq_length - 2
     chunks = Dataset.from_generator(
         _chunks,
-        gen_kwargs={"tokens": tokens, "fingerprint": tokens._fingerprint, "cls_id": tokenizer.cls_token_id,
-                    "sep_id": tokenizer.sep_token_id, "block": max_seq_length - 2},
+        gen_kwargs={"tokens": tokens, "fingerprint": tokens._fingerprint, "cls_id": special_ids[0],
+                    "sep_id": special_ids[1], "block": block},
         features=Features({"input_ids": Sequence(Value("int32")), "chinese_ref": Sequence(Value("int32"))}),
         cache_dir=cache_dir, fingerprint=f"chunks-{key}-{vocab_id}-{max_seq_length}", split="train",
     )
-    n_tokens = sum(len(x) for b in tokens.iter(batch_size=10_000) for x in b["input_ids"])
+    # every chunk but the last holds exactly `block` tokens between [CLS] and [SEP]
+    n_tokens = (len(chunks) - 1) * block + len(chunks[-1]["input_ids"]) - 2 if len(chunks) else 0
     stats = {"files": files, "ref_files": refs, "alignment": spec.alignment, "lines": len(lines),
              "tokens": n_tokens, "chunks": len(chunks)}
     return chunks, stats
@@ -248,8 +249,9 @@ def build_pretraining_dataset(
 
     built, stats = {}, {}
     for name, spec in splits.items():
-        built[name], stats[name] = _build_split(name, spec, str(tokenizer_dir), vocab_id, max_seq_length,
-                                                num_workers, errors, cache_dir)
+        built[name], stats[name] = _build_split(name, spec, str(tokenizer_dir),
+                                                (tokenizer.cls_token_id, tokenizer.sep_token_id), vocab_id,
+                                                max_seq_length, num_workers, errors, cache_dir)
     manifest = {"request": request, "splits": stats, "columns": list(COLUMNS),
                 "tokenizer": str(Path(tokenizer_dir).resolve()), "reused": False}
     with atomic_path(output_dir, is_dir=True) as tmp:

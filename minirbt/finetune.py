@@ -264,6 +264,7 @@ def run_classification(args: FinetuneArguments) -> dict:
     n_labels = len(LABELS[args.task])
     matches = resolve_matches(args.matches)
     attn = "eager" if needs_attentions(matches) else None
+    need_h = any(m["feature"] == "hidden" for m in matches)
     teacher = None
     if args.teacher:
         check_model_folder(args.teacher, "teacher")
@@ -308,7 +309,6 @@ def run_classification(args: FinetuneArguments) -> dict:
                 b = _pad([train_rows[j] for j in order[i : i + args.batch_size].tolist()], tokenizer.pad_token_id)
                 b = {k: v.to(device) for k, v in b.items()}
                 inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
-                need_h = any(m["feature"] == "hidden" for m in matches)
                 with autocast:
                     out = model(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
                 labels = b["label"]

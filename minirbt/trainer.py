@@ -128,19 +128,20 @@ class Student(nn.Module):
         self.projections = projections
 
     def forward(self, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
-        out = self.model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              token_type_ids=batch["token_type_ids"], output_hidden_states=hidden,
-                              output_attentions=attentions)
-        logits = self.model.cls(out.last_hidden_state[select])  # LM head on masked positions only
-        return logits, out.hidden_states, out.attentions
+        return masked_lm_forward(self.model, batch, select, hidden, attentions)
+
+
+def masked_lm_forward(model: BertForMaskedLM, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
+    """Encoder outputs, and MLM logits at the selected (masked) positions only."""
+    out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"], output_hidden_states=hidden,
+                     output_attentions=attentions)
+    return model.cls(out.last_hidden_state[select]), out.hidden_states, out.attentions
 
 
 def teacher_forward(teacher: BertForMaskedLM, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
     with torch.no_grad():
-        out = teacher.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"], output_hidden_states=hidden,
-                           output_attentions=attentions)
-        return teacher.cls(out.last_hidden_state[select]), out.hidden_states, out.attentions
+        return masked_lm_forward(teacher, batch, select, hidden, attentions)
 
 
 def distill_losses(teacher: BertForMaskedLM, student: nn.Module, projections: nn.ModuleList, batch: dict,
@@ -223,7 +224,7 @@ def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM, dev, collator_s
         select = batch["labels"] != -100
         labels = batch["labels"][select]
         with autocast:
-            ls, _, _ = Student(student, nn.ModuleList())(batch, select, False, False)
+            ls, _, _ = masked_lm_forward(student, batch, select, False, False)
             lt, _, _ = teacher_forward(teacher, batch, select, False, False)
         ls, lt = ls.float(), lt.float()
         totals["n"] += labels.numel()
@@ -262,9 +263,9 @@ def _check_inputs(args: DistillArguments) -> None:
         raise CorpusError(f"--dataset {args.dataset} is not a dataset made by pretraining/my_datasets.py")
 
 
-def _vocab_check(teacher_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int) -> None:
+def _vocab_check(tokenizer, teacher_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int) -> None:
     manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
-    teacher_fp = vocab_fingerprint(load_tokenizer(teacher_dir))
+    teacher_fp = vocab_fingerprint(tokenizer)
     if manifest["request"]["vocab"] != teacher_fp:
         raise CorpusError(f"vocab mismatch: the dataset {dataset_dir} was tokenized with another vocab than the "
                           f"teacher's ({teacher_dir}/vocab.txt); rebuild it with --tokenizer {teacher_dir}")
@@ -291,7 +292,8 @@ def train(args: DistillArguments) -> dict:
         if attn:
             config._attn_implementation = attn
         model = BertForMaskedLM(config)
-    _vocab_check(args.teacher, args.dataset, model.config.vocab_size, teacher.config.vocab_size)
+    tokenizer = load_tokenizer(args.teacher)
+    _vocab_check(tokenizer, args.teacher, args.dataset, model.config.vocab_size, teacher.config.vocab_size)
     check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
                   teacher.config.hidden_size, model.config.hidden_size,
                   teacher.config.num_attention_heads, model.config.num_attention_heads)
@@ -327,7 +329,6 @@ def train(args: DistillArguments) -> dict:
 
     data = load_pretraining_dataset(args.dataset)
     train_set, dev_set = data["train"], data.get("validation")
-    tokenizer = load_tokenizer(args.teacher)
     vocab_file = Path(args.teacher) / "vocab.txt"
     collator = ChineseWWMCollator(tokenizer, args.mlm_probability, seed=args.seed)
     order = DataOrder(len(train_set), args.seed)
