@@ -10,7 +10,8 @@
 Tasks and formats: ocnli / afqmc (JSON lines: sentence1, sentence2, label; OCNLI "-" rows
 skipped and counted), tnews (CLUE JSON lines: sentence, label), lcqmc / bq (TSV
 text_a<TAB>text_b<TAB>label), chnsenticorp (CSV "label,review" or TSV "label<TAB>text_a").
-Writes OUTPUT_DIR/results.json (accuracy mean over seeds, per_seed, best),
+Writes OUTPUT_DIR/results.json (dev accuracy mean over seeds, per_seed, best; with a labelled
+--test_file also each seed's best-on-dev model scored on test),
 dev_predictions.jsonl (+ test_predictions.jsonl) and best/ (the best model folder).
 """
 
@@ -34,6 +35,9 @@ def main() -> None:
     seeds = ", ".join(f"{x['seed']}: {x['accuracy']:.4f}" for x in r["per_seed"])
     print(f"{r['task']}: accuracy {r['accuracy']:.4f} (mean of seeds {seeds}; best {r['best']:.4f}; "
           f"majority class {r['majority_class_accuracy']:.4f}) -> {args.output_dir}/results.json")
+    if "test_accuracy" in r:
+        print(f"{r['task']}: test accuracy {r['test_accuracy']:.4f} ± {r['test_std']:.4f} over seeds "
+              f"({r['test_examples']} labelled test examples)")
 
 
 if __name__ == "__main__":

@@ -289,6 +289,8 @@ def run_classification(args: FinetuneArguments) -> dict:
     dev_rows = _encode(tokenizer, dev_ex, args.max_seq_length)
     test_rows = _encode(tokenizer, test_ex, args.max_seq_length) if test_ex else None
     gold = np.array([e.label for e in dev_ex])
+    test_gold = np.array([e.label for e in test_ex]) if test_ex and all(e.label is not None for e in test_ex) \
+        else None
     teacher_dev = _logits(teacher, dev_rows, tokenizer.pad_token_id, 64, device, autocast) if teacher else None
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     per_seed, best_overall = [], None
@@ -340,6 +342,11 @@ def run_classification(args: FinetuneArguments) -> dict:
                         "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         record = {"seed": seed, "accuracy": best["accuracy"], "best_epoch": best["epoch"], "history": history,
                   "learning_rate": lr}
+        if test_gold is not None:  # a labelled test file: score this seed's best-on-dev model on it
+            model.load_state_dict(best["state"])
+            test_logits = _logits(model, test_rows, tokenizer.pad_token_id, 64, device, autocast)
+            record["test_accuracy"] = float((test_logits.argmax(-1) == test_gold).mean())
+            print(f"seed {seed}: test accuracy {record['test_accuracy']:.4f} (epoch {best['epoch']})", flush=True)
         if teacher is not None:
             record["kl_to_teacher"] = {"before": kl_before, "after": _kl(teacher_dev, best["logits"])}
         per_seed.append(record)
@@ -355,6 +362,12 @@ def run_classification(args: FinetuneArguments) -> dict:
                "majority_class_accuracy": majority, "train_examples": len(train_ex), "dev_examples": len(dev_ex),
                "read": {"train": train_rep.summary(), "dev": dev_rep.summary()},
                "seconds": time.perf_counter() - t0, "args": asdict(args)}
+    if test_gold is not None:
+        test_accs = [r["test_accuracy"] for r in per_seed]
+        results |= {"test_accuracy": float(np.mean(test_accs)), "test_std": float(np.std(test_accs)),
+                    "test_examples": len(test_gold),
+                    "test_majority_class_accuracy": float(np.bincount(test_gold, minlength=n_labels).max()
+                                                          / len(test_gold))}
     labels = LABELS[args.task]
     _write_jsonl(out / "dev_predictions.jsonl", [
         {"id": e.guid, "label": labels[int(p)], "gold": labels[e.label]}

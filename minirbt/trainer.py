@@ -59,9 +59,12 @@ SUMMARY_NAME = "minirbt_training.json"
 
 @dataclass
 class DistillArguments:
-    teacher: str = field(metadata={"help": "Teacher model folder (a stage-1 output works as-is)."})
     dataset: str = field(metadata={"help": "Dataset folder from pretraining/my_datasets.py."})
     output_dir: str = field(metadata={"help": "Where the student, checkpoints and TensorBoard logs go."})
+    teacher: str | None = field(default=None, metadata={
+        "help": "Teacher model folder (a stage-1 output works as-is). Without it: plain MLM pretraining."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Vocab folder (default: the teacher's, else --student_init's)."})
     student_config: str | None = field(default=None, metadata={
         "help": "Student config: a JSON file or a shipped name (rbt6, minirbt_h256, ...); random init."})
     student_init: str | None = field(default=None, metadata={
@@ -70,8 +73,10 @@ class DistillArguments:
         "nargs": "*", "help": "Intermediate matches: preset names, JSON files or JSON lists."})
     temperature: float = field(default=8.0, metadata={"help": "Softmax temperature of the KD loss."})
     kd_loss: str = field(default="ce", metadata={"help": "KD loss: ce (soft cross-entropy) or mse."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the KD loss."})
-    mlm_weight: float = field(default=0.0, metadata={"help": "Weight of the hard-label MLM loss."})
+    kd_weight: float | None = field(default=None, metadata={
+        "help": "Weight of the KD loss (default 1 with a teacher, 0 without)."})
+    mlm_weight: float | None = field(default=None, metadata={
+        "help": "Weight of the hard-label MLM loss (default 0 with a teacher, 1 without)."})
     max_steps: int = field(default=100_000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -139,12 +144,15 @@ def masked_lm_forward(model: BertForMaskedLM, batch: dict, select: torch.Tensor,
     return model.cls(out.last_hidden_state[select]), out.hidden_states, out.attentions
 
 
-def teacher_forward(teacher: BertForMaskedLM, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
+def teacher_forward(teacher: BertForMaskedLM | None, batch: dict, select: torch.Tensor, hidden: bool,
+                    attentions: bool):
+    if teacher is None:  # MLM pretraining without a teacher
+        return None, None, None
     with torch.no_grad():
         return masked_lm_forward(teacher, batch, select, hidden, attentions)
 
 
-def distill_losses(teacher: BertForMaskedLM, student: nn.Module, projections: nn.ModuleList, batch: dict,
+def distill_losses(teacher: BertForMaskedLM | None, student: nn.Module, projections: nn.ModuleList, batch: dict,
                    select: torch.Tensor, matches: list[dict], args: DistillArguments, autocast,
                    need_hidden: bool, need_att: bool) -> dict[str, torch.Tensor]:
     """Every weighted loss term of one micro-batch (fp32). ``student`` may be DDP-wrapped."""
@@ -152,7 +160,8 @@ def distill_losses(teacher: BertForMaskedLM, student: nn.Module, projections: nn
         logits_T, hid_T, att_T = teacher_forward(teacher, batch, select, need_hidden, need_att)
         logits_S, hid_S, att_S = student(batch, select, need_hidden, need_att)
     terms = {}
-    ls, lt = logits_S.float(), logits_T.float()
+    ls = logits_S.float()
+    lt = logits_T.float() if logits_T is not None else None
     if args.kd_weight:
         terms["kd"] = args.kd_weight * KD_LOSSES[args.kd_loss](ls, lt, args.temperature)
     if args.mlm_weight:
@@ -197,12 +206,13 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(output_dir: Path, step: int, student: Student, optimizer, scheduler, vocab_file: Path,
-                    args: DistillArguments, limit: int) -> Path:
+                    args: DistillArguments, limit: int, logs: dict | None = None) -> Path:
     final = output_dir / f"checkpoint-{step:07d}"
     with atomic_path(final, is_dir=True) as tmp:
         write_model_files(student.model, vocab_file, tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "projections": student.projections.state_dict(), "args": asdict(args)}, tmp / STATE_NAME)
+                    "projections": student.projections.state_dict(), "args": asdict(args),
+                    "logs": logs or {}}, tmp / STATE_NAME)
     for old in checkpoints(output_dir)[:-limit] if limit > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -210,9 +220,9 @@ def save_checkpoint(output_dir: Path, step: int, student: Student, optimizer, sc
 
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM, dev, collator_seed: int, tokenizer,
+def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM | None, dev, collator_seed: int, tokenizer,
              args: DistillArguments, device: torch.device, autocast) -> dict:
-    """Masked-token accuracy and perplexity of student and teacher, and the KD loss, on fixed dev masks."""
+    """Masked-token accuracy and perplexity of student (and teacher, and the KD loss) on fixed dev masks."""
     collator = ChineseWWMCollator(tokenizer, args.mlm_probability, seed=collator_seed)
     student.eval()
     totals = {"n": 0, "student_nll": 0.0, "teacher_nll": 0.0, "student_correct": 0, "teacher_correct": 0,
@@ -226,31 +236,51 @@ def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM, dev, collator_s
         with autocast:
             ls, _, _ = masked_lm_forward(student, batch, select, False, False)
             lt, _, _ = teacher_forward(teacher, batch, select, False, False)
-        ls, lt = ls.float(), lt.float()
+        ls = ls.float()
         totals["n"] += labels.numel()
         totals["student_nll"] += F.cross_entropy(ls, labels, reduction="sum").item()
-        totals["teacher_nll"] += F.cross_entropy(lt, labels, reduction="sum").item()
         totals["student_correct"] += (ls.argmax(-1) == labels).sum().item()
-        totals["teacher_correct"] += (lt.argmax(-1) == labels).sum().item()
-        totals["agree"] += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
-        totals["kd"] += KD_LOSSES[args.kd_loss](ls, lt, args.temperature).item() * labels.numel()
+        if lt is not None:
+            lt = lt.float()
+            totals["teacher_nll"] += F.cross_entropy(lt, labels, reduction="sum").item()
+            totals["teacher_correct"] += (lt.argmax(-1) == labels).sum().item()
+            totals["agree"] += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
+            totals["kd"] += KD_LOSSES[args.kd_loss](ls, lt, args.temperature).item() * labels.numel()
     student.train()
     n = max(totals["n"], 1)
-    return {
+    result = {
         "student_mlm_accuracy": totals["student_correct"] / n,
-        "teacher_mlm_accuracy": totals["teacher_correct"] / n,
+        "student_mlm_loss": totals["student_nll"] / n,
         "student_perplexity": math.exp(min(totals["student_nll"] / n, 50)),
-        "teacher_perplexity": math.exp(min(totals["teacher_nll"] / n, 50)),
-        "top1_agreement": totals["agree"] / n,
-        "kd_loss": totals["kd"] / n,
-        "tokens": totals["n"],
     }
+    if teacher is not None:
+        result |= {
+            "teacher_mlm_accuracy": totals["teacher_correct"] / n,
+            "teacher_perplexity": math.exp(min(totals["teacher_nll"] / n, 50)),
+            "top1_agreement": totals["agree"] / n,
+            "kd_loss": totals["kd"] / n,
+        }
+    return result | {"tokens": totals["n"]}
 
 
 # ------------------------------------------------------------------ setup checks
 def _check_inputs(args: DistillArguments) -> None:
     if (args.student_config is None) == (args.student_init is None):
         raise CorpusError("give exactly one of --student_config (random init) or --student_init (a model folder)")
+    if args.teacher is None:
+        if args.kd_weight or args.matches:
+            raise CorpusError("--kd_weight and --matches need a --teacher")
+        if args.mlm_weight == 0:
+            raise CorpusError("without --teacher the only loss is MLM: --mlm_weight must be positive")
+        if args.tokenizer is None and args.student_init is None:
+            raise CorpusError("without --teacher, give --tokenizer (a folder with vocab.txt) for the student")
+        args.kd_weight, args.mlm_weight = 0.0, 1.0 if args.mlm_weight is None else args.mlm_weight
+    else:
+        args.kd_weight = 1.0 if args.kd_weight is None else args.kd_weight
+        args.mlm_weight = 0.0 if args.mlm_weight is None else args.mlm_weight
+        check_model_folder(args.teacher, "teacher")
+    if args.kd_weight == 0 and args.mlm_weight == 0 and not args.matches:
+        raise CorpusError("every loss weight is 0: set --kd_weight, --mlm_weight or --matches")
     if args.kd_loss not in KD_LOSSES:
         raise CorpusError(f"--kd_loss must be one of {', '.join(KD_LOSSES)}")
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
@@ -258,18 +288,19 @@ def _check_inputs(args: DistillArguments) -> None:
             raise CorpusError(f"--{name} must be at least 1")
     if args.temperature <= 0:
         raise CorpusError("--temperature must be positive")
-    check_model_folder(args.teacher, "teacher")
     if not (Path(args.dataset) / MANIFEST).is_file():
         raise CorpusError(f"--dataset {args.dataset} is not a dataset made by pretraining/my_datasets.py")
 
 
-def _vocab_check(tokenizer, teacher_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int) -> None:
+def _vocab_check(tokenizer, vocab_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int | None) -> None:
     manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
-    teacher_fp = vocab_fingerprint(tokenizer)
-    if manifest["request"]["vocab"] != teacher_fp:
-        raise CorpusError(f"vocab mismatch: the dataset {dataset_dir} was tokenized with another vocab than the "
-                          f"teacher's ({teacher_dir}/vocab.txt); rebuild it with --tokenizer {teacher_dir}")
-    if student_vocab != teacher_vocab:
+    if manifest["request"]["vocab"] != vocab_fingerprint(tokenizer):
+        raise CorpusError(f"vocab mismatch: the dataset {dataset_dir} was tokenized with another vocab than "
+                          f"{vocab_dir}/vocab.txt; rebuild it with --tokenizer {vocab_dir}")
+    if student_vocab < len(tokenizer):
+        raise CorpusError(f"vocab mismatch: the student has vocab_size {student_vocab}, {vocab_dir}/vocab.txt "
+                          f"has {len(tokenizer)} tokens")
+    if teacher_vocab is not None and student_vocab != teacher_vocab:
         raise CorpusError(f"vocab mismatch: the student has vocab_size {student_vocab}, the teacher {teacher_vocab}")
 
 
@@ -280,9 +311,11 @@ def train(args: DistillArguments) -> dict:
     out = Path(args.output_dir)
     matches = resolve_matches(args.matches)
     attn = "eager" if needs_attentions(matches) else None  # SDPA returns no attention probabilities
-    teacher = load_mlm(args.teacher, "teacher", attn).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = None
+    if args.teacher:
+        teacher = load_mlm(args.teacher, "teacher", attn).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
 
     torch.manual_seed(args.seed)  # random student init is the same on every rank
     if args.student_init:
@@ -292,11 +325,14 @@ def train(args: DistillArguments) -> dict:
         if attn:
             config._attn_implementation = attn
         model = BertForMaskedLM(config)
-    tokenizer = load_tokenizer(args.teacher)
-    _vocab_check(tokenizer, args.teacher, args.dataset, model.config.vocab_size, teacher.config.vocab_size)
-    check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
-                  teacher.config.hidden_size, model.config.hidden_size,
-                  teacher.config.num_attention_heads, model.config.num_attention_heads)
+    vocab_dir = args.tokenizer or args.teacher or args.student_init
+    tokenizer = load_tokenizer(vocab_dir)
+    _vocab_check(tokenizer, vocab_dir, args.dataset, model.config.vocab_size,
+                 teacher.config.vocab_size if teacher is not None else None)
+    if teacher is not None:
+        check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
+                      teacher.config.hidden_size, model.config.hidden_size,
+                      teacher.config.num_attention_heads, model.config.num_attention_heads)
     student = Student(model, build_projections(matches)).to(device)
 
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
@@ -306,6 +342,7 @@ def train(args: DistillArguments) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
 
     step = 0
+    logs: dict = {}
     if args.resume:
         found = checkpoints(out)
         if found:
@@ -317,6 +354,7 @@ def train(args: DistillArguments) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
+            logs = state.get("logs", {})
             if d.main:
                 print(f"resuming from {ckpt} (step {step})", flush=True)
         elif d.main:
@@ -329,7 +367,7 @@ def train(args: DistillArguments) -> dict:
 
     data = load_pretraining_dataset(args.dataset)
     train_set, dev_set = data["train"], data.get("validation")
-    vocab_file = Path(args.teacher) / "vocab.txt"
+    vocab_file = Path(vocab_dir) / "vocab.txt"
     collator = ChineseWWMCollator(tokenizer, args.mlm_probability, seed=args.seed)
     order = DataOrder(len(train_set), args.seed)
     A, B = args.gradient_accumulation_steps, args.batch_size
@@ -349,12 +387,14 @@ def train(args: DistillArguments) -> dict:
     count = 0
     last_eval: dict = {}
     first_eval: dict = {}
-    history: list[dict] = []
+    history: list[dict] = list(logs.get("history", []))  # a resumed run keeps the curves of its past
+    dev_history: list[dict] = list(logs.get("dev_history", []))
     if args.eval_steps and dev_set is not None and len(dev_set) and d.main and step == 0:
         first_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device, autocast)
         for name, value in first_eval.items():
             writer.add_scalar(f"dev/{name}", value, 0)
         tqdm.write("step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in first_eval.items()))
+        dev_history.append({"step": 0, **first_eval})
     t0 = time.perf_counter()
     student.train()
     while step < args.max_steps:
@@ -404,19 +444,22 @@ def train(args: DistillArguments) -> dict:
             if d.main:
                 last_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device,
                                      autocast)
+                dev_history.append({"step": step, **last_eval})
                 for name, value in last_eval.items():
                     writer.add_scalar(f"dev/{name}", value, step)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
         if step % args.save_steps == 0 or step == args.max_steps:
             if d.main:
-                save_checkpoint(out, step, student, optimizer, scheduler, vocab_file, args, args.save_total_limit)
+                save_checkpoint(out, step, student, optimizer, scheduler, vocab_file, args, args.save_total_limit,
+                                {"history": history, "dev_history": dev_history})
             if d.world > 1:
                 dist.barrier()
     bar.close()
 
     summary = {"steps": step, "global_batch": global_batch, "world_size": d.world, "matches": matches,
                "seconds": time.perf_counter() - t0, "dev_start": first_eval, "dev": last_eval,
-               "history": history, "args": asdict(args)}
+               "history": history, "dev_history": dev_history,
+               "args": asdict(args)}
     if d.main:
         # the final student: a complete model folder at the top of output_dir (each file replaced atomically)
         with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp_name:

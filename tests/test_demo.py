@@ -1,17 +1,66 @@
-"""The README's main job, on the embedded default, in its quick mode."""
+"""The README's main job, end to end, in its quick mode: every stage, every output loadable, results consistent."""
 
 from __future__ import annotations
 
+import json
+
 from conftest import run_script
+from transformers import BertModel, BertTokenizer
 
-from minirbt.data import load_pretraining_dataset
+MODEL_KEYS = {"teacher", "teacher_random", "ta", "two_stage_H256", "two_stage_H288", "one_stage_H256",
+              "mlm_only_H256"}
 
 
-def test_demo_quick_runs_and_resumes(tmp_path):
+def test_demo_quick_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     proc = run_script("scripts/demo.py", "--quick", "--output_dir", out)
-    assert "1. whole-word-mask refs (jieba)" in proc.stdout and "tokens chosen" in proc.stdout
-    ds = load_pretraining_dataset(out / "dataset_jieba_128")
-    assert len(ds["train"]) > 500 and len(ds["validation"]) > 10
+    for stage in ("0. corpus", "1. whole-word-mask refs (jieba)", "2. chunked Arrow dataset", "3. teacher stand-in",
+                  "5. stage 1", "6. stage 2", "7. baselines", "8. fine-tuning", "9. latency"):
+        assert stage in proc.stdout, stage
+    assert "| Student H256 (two-stage) |" in proc.stdout  # the table is printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert {m["key"] for m in results["models"]} == MODEL_KEYS
+    split = json.loads((out / "corpus" / "split.json").read_text())
+    # held-out sentiment split: no overlap between train/dev/test, none of it in the pretraining text
+    texts = {}
+    for part in ("train", "dev", "test"):
+        rows = (out / "sentiment" / f"{part}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        texts[part] = {r.split("\t", 1)[1] for r in rows}
+        assert len(rows) == split[f"sentiment_{part}"] == len(texts[part])
+    assert not (texts["train"] & texts["dev"] or texts["train"] & texts["test"] or texts["dev"] & texts["test"])
+    pretrain = set((out / "corpus" / "train.txt").read_text(encoding="utf-8").splitlines())
+    assert not pretrain & texts["test"]
+
+    teacher = next(m for m in results["models"] if m["key"] == "teacher")
+    assert teacher["speedup"] == 1.0 and teacher["relative"] == 1.0
+    for m in results["models"]:
+        # every output folder loads with the plain Hugging Face classes
+        BertTokenizer.from_pretrained(m["path"])
+        model = BertModel.from_pretrained(m["path"])
+        assert model.config.num_hidden_layers == m["layers"] and model.config.hidden_size == m["hidden"]
+        assert m["params"] == sum(p.numel() for p in model.parameters())
+        ft = json.loads((out / "finetune" / m["key"] / "results.json").read_text())
+        assert abs(m["accuracy"] - ft["test_accuracy"]) < 1e-12 and len(m["per_seed"]) == 2
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["latency_ms"] > 0
+        assert abs(m["relative"] - m["accuracy"] / teacher["accuracy"]) < 1e-9
+        assert abs(m["speedup"] - teacher["latency_ms"] / m["latency_ms"]) < 1e-9
+    students = {m["key"]: m for m in results["models"]}
+    assert students["two_stage_H256"]["params"] < students["ta"]["params"] < teacher["params"]
+    assert [r["name"] for r in results["real_size"]][0] == "RoBERTa-wwm-ext"
+    assert {"name", "params", "latency_ms", "speedup"} <= set(results["real_size"][1])
+    curve = results["teacher_curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] > 0
+    assert curve[-1]["mlm_loss"] < curve[0]["mlm_loss"]  # the stand-in learned something
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text(encoding="utf-8")
+    for row in results["models"] + results["real_size"]:
+        assert f"\n| {row['name']} | {row['layers']} | {row['hidden']} |" in md
+    assert md.count("\n| ") == len(results["models"]) + len(results["real_size"]) + len(curve) + 3  # + headers
+
+    # idempotent: a second run skips every stage and reproduces the same table
     again = run_script("scripts/demo.py", "--quick", "--output_dir", out)
     assert "done, skipped" in again.stdout and "up to date, reused" in again.stdout
+    assert "pretraining/train.py" not in again.stdout and "run_classification.py" not in again.stdout
+    assert [m["accuracy"] for m in json.loads((out / "results.json").read_text())["models"]] == \
+        [m["accuracy"] for m in results["models"]]

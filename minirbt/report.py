@@ -1,0 +1,136 @@
+"""Measuring and reporting models: CPU latency, the results tables and the plot.
+
+Latency is the median wall time of ``BertModel`` forward passes (inference mode,
+eval, the default number of torch threads) on a fixed batch of random token ids:
+``batch`` sequences of ``seq_len`` tokens. Speed-up is relative to the first
+(teacher) row. Everything in the tables comes from a measurement or a result file
+of the run; only MiniRBT's *claimed* speed-ups (its README) are quoted, in their
+own column, for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel
+
+from minirbt.modeling import count_parameters, load_config
+from minirbt.textio import atomic_path
+
+# MiniRBT README's claimed speed-ups over RoBERTa-wwm-ext (ANCHORS.md), quoted next to our measurement
+REAL_SIZE = [("RoBERTa-wwm-ext", "roberta_wwm_ext", 1.0), ("RBT6", "rbt6", 1.7), ("RBT3", "rbt3", 2.8),
+             ("RBT4-H312", "rbt4_h312", 6.8), ("MiniRBT-H256", "minirbt_h256", 6.8),
+             ("MiniRBT-H288", "minirbt_h288", 5.7)]
+
+
+@torch.inference_mode()
+def latency_ms(config: BertConfig, batch: int = 8, seq_len: int = 128, repeats: int = 10, warmup: int = 2,
+               seed: int = 0) -> float:
+    """Median milliseconds of one forward pass of a randomly initialised ``BertModel`` of ``config``."""
+    torch.manual_seed(seed)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(1000, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def shape(config: BertConfig) -> dict:
+    params, params_no_emb = count_parameters(config)
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
+            "ffn": config.intermediate_size, "params": params, "params_no_emb": params_no_emb}
+
+
+def real_size_table(batch: int = 8, seq_len: int = 128, repeats: int = 10) -> list[dict]:
+    """Latency and speed-up of the real MiniRBT-family configs on this machine."""
+    rows = []
+    for name, config_name, claimed in REAL_SIZE:
+        config = load_config(config_name)
+        rows.append({"name": name, **shape(config), "latency_ms": latency_ms(config, batch, seq_len, repeats),
+                     "claimed_speedup": claimed})
+    base = rows[0]["latency_ms"]
+    for r in rows:
+        r["speedup"] = base / r["latency_ms"]
+    return rows
+
+
+def _m(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def markdown_tables(results: dict) -> str:
+    """results.md: the distilled models on the demo task, then the real-size latency table."""
+    lat = results["latency_setting"]
+    lines = [f"# {results['title']}", "", results["description"], "",
+             f"## Models of this run: {results['task']} test accuracy (mean of seeds {results['seeds']})", "",
+             "| model | layers | hidden | heads | FFN | params | params w/o emb. | latency (ms) | speed-up "
+             "| accuracy (%) | ± std | relative to teacher |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        lines.append(f"| {m['name']} | {m['layers']} | {m['hidden']} | {m['heads']} | {m['ffn']} | {_m(m['params'])} "
+                     f"| {_m(m['params_no_emb'])} | {m['latency_ms']:.1f} | {m['speedup']:.1f}x "
+                     f"| {100 * m['accuracy']:.2f} | {100 * m['accuracy_std']:.2f} | {100 * m['relative']:.1f}% |")
+    lines += ["", f"Latency: median forward pass of a batch of {lat['batch']} x {lat['seq_len']} tokens on this "
+              f"machine's CPU ({lat['threads']} threads). Majority-class accuracy on test: "
+              f"{100 * results['majority_class_accuracy']:.2f}%.", ""]
+    for note in results.get("warnings", []):
+        lines.append(f"**WARNING: {note}**")
+        lines.append("")
+    for note in results.get("findings", []):
+        lines.append(f"- {note}")
+    if results.get("teacher_curve"):
+        lines += ["", "## The teacher stand-in's pretraining (dev set, fixed masks)", "",
+                  "| step | MLM loss | masked-token accuracy (%) |", "|---|---|---|"]
+        lines += [f"| {c['step']} | {c['mlm_loss']:.3f} | {100 * c['mlm_accuracy']:.2f} |"
+                  for c in results["teacher_curve"]]
+    lines += ["", "## Real-size configs on this CPU (random weights; latency only)", "",
+              "| model | layers | hidden | heads | FFN | params | params w/o emb. | latency (ms) | speed-up "
+              "| MiniRBT's claimed speed-up |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["real_size"]:
+        lines.append(f"| {r['name']} | {r['layers']} | {r['hidden']} | {r['heads']} | {r['ffn']} | {_m(r['params'])} "
+                     f"| {_m(r['params_no_emb'])} | {r['latency_ms']:.1f} | {r['speedup']:.1f}x "
+                     f"| {r['claimed_speedup']:.1f}x |")
+    lines += ["", f"Total time: {results['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_speedup(models: list[dict], path: Path, title: str) -> None:
+    """PNG: test accuracy (mean ± std over seeds) against measured speed-up, one point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for m in models:
+        ax.errorbar(m["speedup"], 100 * m["accuracy"], yerr=100 * m["accuracy_std"], fmt="o", capsize=3)
+        ax.annotate(m["name"], (m["speedup"], 100 * m["accuracy"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over the teacher (CPU, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_results(out_dir: Path, results: dict) -> None:
+    """results.json, results.md and results.png, each written atomically."""
+    with atomic_path(out_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with atomic_path(out_dir / "results.md") as tmp:
+        tmp.write_text(markdown_tables(results), encoding="utf-8")
+    plot_accuracy_vs_speedup(results["models"], out_dir / "results.png", results["title"])
