@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from minirbt import __version__
@@ -192,6 +193,10 @@ def _build_split_steps(name: str, files: list[str], refs: list[str], spec: Split
         features=Features({"input_ids": Sequence(Value("int32")), "chinese_ref": Sequence(Value("int32"))}),
         desc=f"tokenizing {name}",
     )
+    n_input = pc.sum(pc.list_value_length(tokens.data.column("input_ids"))).as_py() if len(tokens) else 0
+    if not n_input:
+        raise CorpusError(f"the {name} corpus has no tokens: its {len(lines)} lines are all blank "
+                          f"({', '.join(files)})")
     block = max_seq_length - 2
     chunks = Dataset.from_generator(
         _chunks,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import (
     BertForMaskedLM,
@@ -34,6 +36,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from minirbt.faults import fault_point
 from minirbt.matches import (
     KD_LOSSES,
     build_projections,
@@ -85,6 +88,8 @@ class FinetuneArguments:
     max_answer_length: int = field(default=30, metadata={"help": "MRC: longest answer in tokens."})
     n_best: int = field(default=20, metadata={"help": "MRC: start/end candidates per window."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue from the checkpoints in output_dir/checkpoints (one per seed and epoch)."})
 
 
 def default_lr(args: FinetuneArguments, config) -> float:
@@ -154,6 +159,75 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     p = torch.log_softmax(torch.from_numpy(p_logits).float(), -1)
     q = torch.log_softmax(torch.from_numpy(q_logits).float(), -1)
     return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+# ------------------------------------------------------------------ checkpoints (one per seed and epoch)
+class SeedCheckpoints:
+    """``output_dir/checkpoints/seed-S-epoch-E/``: after every epoch, the model, the best-on-dev weights so far,
+    optimizer, schedule and torch RNG state (dropout), so a killed run resumes at the last finished epoch and
+    ends with the same weights. ``seed-S-done/`` keeps a finished seed's record and best weights. Each folder
+    is written atomically; older epochs are removed once a newer one is in place."""
+
+    def __init__(self, output_dir: str | Path, seed: int, resume: bool):
+        self.root = Path(output_dir) / "checkpoints"
+        self.seed = seed
+        if not resume and self.root.is_dir():
+            for old in self.root.glob(f"seed-{seed}-*"):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _epochs(self) -> list[Path]:
+        found = [p for p in self.root.glob(f"seed-{self.seed}-epoch-*") if (p / "state.pt").is_file()]
+        return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+    @property
+    def done_dir(self) -> Path:
+        return self.root / f"seed-{self.seed}-done"
+
+    def finished(self) -> dict | None:
+        record = self.done_dir / "record.json"
+        return json.loads(record.read_text()) if record.is_file() else None
+
+    def best_weights(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.done_dir / "best.safetensors"))
+
+    def save_epoch(self, epoch: int, model, projections, opt, sched, best: dict, history: list[dict]) -> None:
+        with atomic_path(self.root / f"seed-{self.seed}-epoch-{epoch}", is_dir=True) as tmp:
+            save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+            save_file(_contiguous(best["state"]), str(tmp / "best.safetensors"))
+            fault_point("finetune.checkpoint")
+            torch.save({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "projections": projections.state_dict(), "rng": torch.get_rng_state(),
+                        "best": {k: v for k, v in best.items() if k not in ("state", "logits")},
+                        "history": history}, tmp / "state.pt")
+        for old in self._epochs()[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, model, projections, opt, sched) -> tuple[int, dict, list[dict]]:
+        """(epochs done, best so far, history); (0, no best, []) without a checkpoint."""
+        found = self._epochs()
+        if not found:
+            return 0, {}, []
+        state = torch.load(found[-1] / "state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(load_file(str(found[-1] / "model.safetensors")))
+        projections.load_state_dict(state["projections"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        best = dict(state["best"], state=load_file(str(found[-1] / "best.safetensors")))
+        print(f"seed {self.seed}: resuming after epoch {state['epoch']} ({found[-1]})", flush=True)
+        return int(state["epoch"]), best, list(state["history"])
+
+    def finish(self, record: dict, best_state: dict[str, torch.Tensor]) -> None:
+        with atomic_path(self.done_dir, is_dir=True) as tmp:
+            save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
+            (tmp / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+        for old in self._epochs():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores no shared or strided tensors: tied weights are written as copies."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
 # ------------------------------------------------------------------ classification
@@ -293,18 +367,24 @@ def run_classification(args: FinetuneArguments) -> dict:
         else None
     teacher_dev = _logits(teacher, dev_rows, tokenizer.pad_token_id, 64, device, autocast) if teacher else None
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    per_seed, best_overall = [], None
+    load_kw = {"num_labels": n_labels, **({"attn_implementation": attn} if attn else {})}
+    per_seed = []
     t0 = time.perf_counter()
     for seed in seeds:
+        ck = SeedCheckpoints(args.output_dir, seed, args.resume)
+        record = ck.finished()
+        if record is not None:
+            print(f"seed {seed}: finished earlier ({ck.done_dir}), dev accuracy {record['accuracy']:.4f}", flush=True)
+            per_seed.append(record)
+            continue
         _seed_all(seed)
-        model = _quiet_load(BertForSequenceClassification, args.model, num_labels=n_labels,
-                            **({"attn_implementation": attn} if attn else {})).to(device)
+        model = _quiet_load(BertForSequenceClassification, args.model, **load_kw).to(device)
         projections, lr, opt, sched = _training_setup(args, model, teacher, matches, len(train_rows), device)
         kl_before = _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)) \
             if teacher is not None else None
-        best = {"accuracy": -1.0}
-        history = []
-        for epoch in range(args.epochs):
+        start, best, history = ck.restore(model, projections, opt, sched) if args.resume else (0, {}, [])
+        best = best or {"accuracy": -1.0}
+        for epoch in range(start, args.epochs):
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
             bar = tqdm(range(0, len(order), args.batch_size), desc=f"seed {seed} epoch {epoch + 1}", leave=False)
             for i in bar:
@@ -327,6 +407,9 @@ def run_classification(args: FinetuneArguments) -> dict:
                     for term in match_losses(matches, projections, out.hidden_states, tout.hidden_states,
                                              out.attentions, tout.attentions, inputs["attention_mask"]):
                         loss = loss + term
+                if not torch.isfinite(loss):
+                    raise CorpusError(f"non-finite loss ({loss.item()}) at seed {seed}, epoch {epoch + 1}, batch "
+                                      f"{i // args.batch_size + 1}: nothing saved for this epoch")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(projections.parameters()), 1.0)
                 opt.step()
@@ -338,21 +421,27 @@ def run_classification(args: FinetuneArguments) -> dict:
             history.append({"epoch": epoch + 1, "accuracy": acc})
             print(f"seed {seed} epoch {epoch + 1}: dev accuracy {acc:.4f}", flush=True)
             if acc > best["accuracy"]:
-                best = {"accuracy": acc, "epoch": epoch + 1, "logits": logits,
-                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                best = {"accuracy": acc, "epoch": epoch + 1, "state": _contiguous(model.state_dict())}
+            ck.save_epoch(epoch + 1, model, projections, opt, sched, best, history)
+        model.load_state_dict(best["state"])
         record = {"seed": seed, "accuracy": best["accuracy"], "best_epoch": best["epoch"], "history": history,
                   "learning_rate": lr}
+        if teacher is not None:
+            record["kl_to_teacher"] = {
+                "before": kl_before,
+                "after": _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast))}
         if test_gold is not None:  # a labelled test file: score this seed's best-on-dev model on it
-            model.load_state_dict(best["state"])
             test_logits = _logits(model, test_rows, tokenizer.pad_token_id, 64, device, autocast)
             record["test_accuracy"] = float((test_logits.argmax(-1) == test_gold).mean())
             print(f"seed {seed}: test accuracy {record['test_accuracy']:.4f} (epoch {best['epoch']})", flush=True)
-        if teacher is not None:
-            record["kl_to_teacher"] = {"before": kl_before, "after": _kl(teacher_dev, best["logits"])}
+        ck.finish(record, best["state"])
         per_seed.append(record)
-        if best_overall is None or best["accuracy"] > best_overall["accuracy"]:
-            model.load_state_dict(best["state"])
-            best_overall = {"accuracy": best["accuracy"], "seed": seed, "model": model, "logits": best["logits"]}
+    # the best seed's best epoch: predictions and the saved model
+    best_record = max(per_seed, key=lambda r: r["accuracy"])  # first of equals: seed order
+    model = _quiet_load(BertForSequenceClassification, args.model, **load_kw).to(device)
+    model.load_state_dict(SeedCheckpoints(args.output_dir, best_record["seed"], True).best_weights())
+    best_overall = {"seed": best_record["seed"], "model": model,
+                    "logits": _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     majority = float(np.bincount(gold, minlength=n_labels).max() / len(gold))
@@ -378,6 +467,7 @@ def run_classification(args: FinetuneArguments) -> dict:
                                                        for e, p in zip(test_ex, tl.argmax(-1))])
     _save_best(best_overall["model"], args.model, out / "best")
     _write_json(out / "results.json", results)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # everything is in best/ and results.json now
     return results
 
 

@@ -157,3 +157,52 @@ def count_parameters(config: BertConfig) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     emb = sum(p.numel() for p in model.embeddings.parameters())
     return total, total - emb
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, or from a ``.pkl``/``.bin``/``.pt`` state dict read with
+    ``weights_only=True`` (a pickle that would run code is refused, not executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for unsafe globals, others for corrupt files
+        raise CorpusError(f"{path}: not a plain tensor state dict (refused by torch.load(weights_only=True): "
+                          f"{str(e).splitlines()[0]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorpusError(f"{path}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def mlm_from_state_dict(state: dict[str, torch.Tensor], config: BertConfig, where: str = "checkpoint"
+                        ) -> tuple[BertForMaskedLM, list[str]]:
+    """A ``BertForMaskedLM`` from a MiniRBT/TextBrewer state dict (``module.`` prefixes of DDP stripped; bare
+    ``BertModel`` keys accepted). Returns the model and the MLM-head keys that were absent (left as initialised).
+    Any other missing or unexpected key, or a shape mismatch, is an error naming it."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith(("bert.", "cls.")) for k in state):
+        state = {f"bert.{k}": v for k, v in state.items()}
+    model = BertForMaskedLM(config)
+    expected = model.state_dict()
+    bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+                 if k in expected and v.shape != expected[k].shape]
+    if bad_shape:
+        raise CorpusError(f"{where}: shapes differ from the config: {', '.join(bad_shape[:5])}")
+    unexpected = [k for k in state if k not in expected and not k.endswith("position_ids")]
+    if unexpected:
+        raise CorpusError(f"{where}: keys the BERT config does not have: {', '.join(unexpected[:8])}")
+    missing = [k for k in expected if k not in state]
+    head_missing = [k for k in missing if k.startswith("cls.")]
+    other = [k for k in missing if not k.startswith("cls.") and k != "cls.predictions.decoder.weight"]
+    if other:
+        raise CorpusError(f"{where}: missing weights: {', '.join(other[:8])}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    model.tie_weights()
+    return model, [k for k in head_missing if k != "cls.predictions.decoder.weight"]

@@ -74,7 +74,10 @@ class LTPSegmenter:
                 "folder there (see pretrained_model_path/README.md)."
             )
         with open(model_dir / "config.json", encoding="utf-8") as f:
-            self.neural = bool(json.load(f).get("nerual", True))
+            config = json.load(f)
+        self.neural = bool(config.get("nerual", True))
+        if self.neural:
+            check_ltp_targets(config, model_dir / "config.json")
         from ltp import LTP
 
         with contextlib.redirect_stdout(io.StringIO()):  # LTP prints "Loading weights ..."
@@ -103,6 +106,20 @@ def _patch_neural_ltp(ltp) -> None:
     tokenizer = ltp.tokenizer
     if not hasattr(tokenizer, "batch_encode_plus"):
         object.__setattr__(tokenizer, "batch_encode_plus", lambda inputs, **kw: tokenizer(inputs, **kw))
+
+
+def check_ltp_targets(config, where: Path) -> None:
+    """Neural LTP builds its model from ``_ltp_target_`` import paths in config.json: a downloaded folder could
+    name any callable (``os.system``...). Only LTP's own classes are allowed."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "_ltp_target_" and not (isinstance(value, str) and value.startswith(("ltp_core.", "ltp."))):
+                raise CorpusError(f"{where}: _ltp_target_ {value!r} is not one of LTP's classes; refusing to "
+                                  f"import it (a model folder must not run arbitrary code)")
+            check_ltp_targets(value, where)
+    elif isinstance(config, list):
+        for value in config:
+            check_ltp_targets(value, where)
 
 
 def make_segmenter(kind: str, ltp_model: str | os.PathLike | None = None, user_dict: str | None = None,

@@ -41,6 +41,7 @@ from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
 
 from minirbt.collator import ChineseWWMCollator
 from minirbt.data import MANIFEST, load_pretraining_dataset
+from minirbt.faults import fault_point
 from minirbt.matches import (
     KD_LOSSES,
     build_projections,
@@ -91,6 +92,9 @@ class DistillArguments:
     eval_steps: int = field(default=1000, metadata={"help": "Dev evaluation every N steps (0: never)."})
     eval_batches: int = field(default=50, metadata={"help": "Dev batches per evaluation."})
     logging_steps: int = field(default=50, metadata={"help": "TensorBoard scalars every N steps."})
+    on_nonfinite: str = field(default="stop", metadata={
+        "help": "A NaN/inf loss or gradient: 'stop' (default; the last checkpoint is kept) or 'skip' the step."})
+    max_skipped_steps: int = field(default=100, metadata={"help": "With --on_nonfinite skip: give up after N."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
     seed: int = field(default=42, metadata={"help": "Seed of data order, masks, dropout and init."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
@@ -210,9 +214,11 @@ def save_checkpoint(output_dir: Path, step: int, student: Student, optimizer, sc
     final = output_dir / f"checkpoint-{step:07d}"
     with atomic_path(final, is_dir=True) as tmp:
         write_model_files(student.model, vocab_file, tmp)
+        fault_point("checkpoint.model")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "projections": student.projections.state_dict(), "args": asdict(args),
                     "logs": logs or {}}, tmp / STATE_NAME)
+        fault_point("checkpoint.state")
     for old in checkpoints(output_dir)[:-limit] if limit > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -288,6 +294,8 @@ def _check_inputs(args: DistillArguments) -> None:
             raise CorpusError(f"--{name} must be at least 1")
     if args.temperature <= 0:
         raise CorpusError("--temperature must be positive")
+    if args.on_nonfinite not in ("stop", "skip"):
+        raise CorpusError(f"--on_nonfinite must be stop or skip, not {args.on_nonfinite!r}")
     if not (Path(args.dataset) / MANIFEST).is_file():
         raise CorpusError(f"--dataset {args.dataset} is not a dataset made by pretraining/my_datasets.py")
 
@@ -389,6 +397,7 @@ def train(args: DistillArguments) -> dict:
     first_eval: dict = {}
     history: list[dict] = list(logs.get("history", []))  # a resumed run keeps the curves of its past
     dev_history: list[dict] = list(logs.get("dev_history", []))
+    skipped: list[int] = list(logs.get("skipped", []))
     if args.eval_steps and dev_set is not None and len(dev_set) and d.main and step == 0:
         first_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device, autocast)
         for name, value in first_eval.items():
@@ -399,6 +408,7 @@ def train(args: DistillArguments) -> dict:
     student.train()
     while step < args.max_steps:
         terms_step: dict[str, float] = {}
+        bad: list[str] = []
         for m in range(A):
             g = d.rank * A + m  # global micro-batch index within the step
             idx = order.indices(step * global_batch + g * B, B)
@@ -414,24 +424,47 @@ def train(args: DistillArguments) -> dict:
                 total = sum(terms.values())
                 for name, value in terms.items():
                     if not torch.isfinite(value):
-                        raise CorpusError(f"non-finite loss at step {step + 1}: term {name} = {value.item()}; "
-                                          f"nothing saved for this step (last good checkpoint kept in {out})")
-                (total / A).backward()
+                        bad.append(f"term {name} = {value.item()}")
+                if bad and args.on_nonfinite == "stop":
+                    raise CorpusError(f"non-finite loss at step {step + 1}: {bad[0]}; nothing saved for this step "
+                                      f"(last good checkpoint kept in {out}; --on_nonfinite skip skips such steps)")
+                (total / A).backward()  # even when skipping: every DDP rank must run the same collectives
             for name, value in terms.items():
                 terms_step[name] = terms_step.get(name, 0.0) + value.item() / A
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-        optimizer.step()
+        if not torch.isfinite(grad_norm):
+            bad.append(f"gradient norm = {grad_norm.item()}")
+        skip = bool(bad)
+        if d.world > 1:  # every rank takes the same decision
+            flag = torch.tensor([float(skip)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            skip = bool(flag.item())
+        if skip and args.on_nonfinite == "stop":
+            raise CorpusError(f"non-finite values at step {step + 1}: {bad[0] if bad else 'on another rank'}; the "
+                              f"weights were not updated (last good checkpoint kept in {out})")
+        if skip:
+            skipped.append(step + 1)
+            if d.main:
+                tqdm.write(f"step {step + 1}: skipped ({bad[0] if bad else 'non-finite on another rank'}); "
+                           f"{len(skipped)} skipped so far")
+            if len(skipped) > args.max_skipped_steps:
+                raise CorpusError(f"{len(skipped)} steps had non-finite losses or gradients (first: {skipped[:5]}), "
+                                  f"more than --max_skipped_steps {args.max_skipped_steps}: stopping; the last "
+                                  f"good checkpoint is kept in {out}")
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        for name, value in terms_step.items():
-            sums[name] = sums.get(name, 0.0) + value
-        count += 1
+        if not skip:
+            for name, value in terms_step.items():
+                sums[name] = sums.get(name, 0.0) + value
+            count += 1
         if d.main:
             bar.update(1)
             bar.set_postfix(loss=f"{sum(terms_step.values()):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % args.logging_steps == 0 or step == args.max_steps:
+            if count and (step % args.logging_steps == 0 or step == args.max_steps):
                 history.append({"step": step, **{k: v / count for k, v in sums.items()}})
                 for name, value in sums.items():
                     writer.add_scalar(f"train/{name}", value / count, step)
@@ -450,15 +483,22 @@ def train(args: DistillArguments) -> dict:
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
         if step % args.save_steps == 0 or step == args.max_steps:
             if d.main:
-                save_checkpoint(out, step, student, optimizer, scheduler, vocab_file, args, args.save_total_limit,
-                                {"history": history, "dev_history": dev_history})
+                try:
+                    save_checkpoint(out, step, student, optimizer, scheduler, vocab_file, args,
+                                    args.save_total_limit,
+                                    {"history": history, "dev_history": dev_history, "skipped": skipped})
+                except OSError as e:  # full disk, quota, permissions: the temp dir is gone, older ones intact
+                    found = checkpoints(out)
+                    kept = f"the newest complete checkpoint is {found[-1]}" if found else "no earlier checkpoint"
+                    raise CorpusError(f"could not write the checkpoint of step {step} in {out}: {e}; {kept} "
+                                      f"(untouched). Free space and re-run with --resume.") from None
             if d.world > 1:
                 dist.barrier()
     bar.close()
 
     summary = {"steps": step, "global_batch": global_batch, "world_size": d.world, "matches": matches,
                "seconds": time.perf_counter() - t0, "dev_start": first_eval, "dev": last_eval,
-               "history": history, "dev_history": dev_history,
+               "history": history, "dev_history": dev_history, "skipped_steps": skipped,
                "args": asdict(args)}
     if d.main:
         # the final student: a complete model folder at the top of output_dir (each file replaced atomically)

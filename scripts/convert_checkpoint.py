@@ -1,0 +1,47 @@
+"""Turn a raw state dict (MiniRBT/TextBrewer ``gs{step}.pkl``, a ``.bin``/``.pt``) into a model folder.
+
+    python scripts/convert_checkpoint.py --checkpoint saved_models/gs100000.pkl --config minirbt_h256 \
+        --vocab pretrained_model_path/RoBERTa-wwm-ext --output outputs/minirbt_h256_from_pkl
+
+The file is read with ``torch.load(weights_only=True)``: plain tensors only, a pickle
+that would execute code is refused. ``module.`` prefixes (DDP) are stripped and bare
+``BertModel`` keys are accepted; the result loads with ``BertModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minirbt.cli import run  # noqa: E402
+from minirbt.modeling import (  # noqa: E402
+    CONFIG_NAMES,
+    load_config,
+    mlm_from_state_dict,
+    read_state_dict,
+    save_model_folder,
+)
+from minirbt.tokenization import load_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="The .pkl / .bin / .pt / .safetensors state dict.")
+    ap.add_argument("--config", required=True, help=f"The model's config: a JSON file or {', '.join(CONFIG_NAMES)}.")
+    ap.add_argument("--vocab", required=True, help="A folder with the vocab.txt the model was trained with.")
+    ap.add_argument("--output", required=True, help="Output model folder (written atomically).")
+    args = ap.parse_args()
+    load_tokenizer(args.vocab)  # a clear error for a folder without a vocab
+    model, head_missing = mlm_from_state_dict(read_state_dict(args.checkpoint), load_config(args.config),
+                                              args.checkpoint)
+    save_model_folder(model, args.vocab, args.output)
+    note = f" (no MLM head in the file: {', '.join(head_missing)} left as initialised)" if head_missing else ""
+    print(f"{args.output}: model folder from {args.checkpoint}{note}")
+
+
+if __name__ == "__main__":
+    run(main)
