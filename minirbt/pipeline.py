@@ -98,10 +98,11 @@ def demo_settings(quick: bool) -> Settings:
                   distill_lr=1e-3, temperature=1.0)
     if quick:
         return Settings("quick", **common, teacher_steps=60, teacher_warmup=0.1, distill_steps=20, ft_epochs=1,
-                        ft_seeds="1,2", n_train=400, n_dev=200, n_test=300, max_pretrain_lines=2000,
-                        eval_steps=20, save_steps=20, latency_repeats=2)
-    return Settings("demo", **common, teacher_steps=1400, teacher_warmup=0.03, distill_steps=500, ft_epochs=3,
-                    ft_seeds="1,2,3", n_train=4000, n_dev=1000, n_test=2000, eval_steps=100, save_steps=100)
+                        ft_seeds="1,2", n_train=300, n_dev=100, n_test=200, ft_max_seq_length=64,
+                        max_pretrain_lines=2000, eval_steps=20, save_steps=20, latency_repeats=2)
+    return Settings("demo", **common, teacher_steps=1400, teacher_warmup=0.03, distill_steps=500, ft_epochs=2,
+                    ft_seeds="1,2,3", n_train=4000, n_dev=1000, n_test=2000, ft_max_seq_length=64, eval_steps=100,
+                    save_steps=100)
 
 
 def real_settings(steps: int | None, nproc: int, per_device_batch: int, bf16: bool) -> Settings:
@@ -369,7 +370,7 @@ def run(out: Path, s: Settings, segmenter: str = "jieba", teacher: str | None = 
         return hidden_matches(src.num_hidden_layers, dst.num_hidden_layers, src.hidden_size, dst.hidden_size)
 
     steps = (s.distill_steps, s.distill_lr, s.distill_batch, s.distill_accumulation)
-    header("5. stage 1: teacher -> teacher assistant (MLM KD, T = 8, hidden-state MSE)")
+    header(f"5. stage 1: teacher -> teacher assistant (MLM KD, T = {s.temperature:g}, hidden-state MSE)")
     distill(models / "ta", teacher_dir, ("--student_init", str(models / "ta_init")), dataset, vocab, s,
             matches(t_conf, ta_conf), *steps, launcher=launcher)
     roster.append(Model("ta", "TA (stage 1)"))
