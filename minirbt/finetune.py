@@ -197,7 +197,7 @@ class SeedCheckpoints:
             fault_point("finetune.checkpoint")
             torch.save({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "projections": projections.state_dict(), "rng": torch.get_rng_state(),
-                        "best": {k: v for k, v in best.items() if k not in ("state", "logits")},
+                        "best": {k: v for k, v in best.items() if k != "state"},
                         "history": history}, tmp / "state.pt")
         for old in self._epochs()[:-1]:
             shutil.rmtree(old, ignore_errors=True)

@@ -24,14 +24,14 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minirbt.textio import CorpusError, atomic_path
+from minirbt.textio import CorpusError, atomic_path, iter_lines, list_corpus_files
+from minirbt.trainer import SUMMARY_NAME as DONE
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "chnsenticorp"  # the held-out sentiment set is written in ChnSentiCorp's TSV format
-DONE = "minirbt_training.json"
 
 
 @dataclass
@@ -160,8 +160,6 @@ def hidden_matches(layers_t: int, layers_s: int, hidden_t: int, hidden_s: int) -
 
 def check_settings(out: Path, s: Settings, segmenter: str, teacher: str | None, corpus: str | None) -> None:
     """Completed stages are reused only by a run with the same settings: record them, refuse a mismatch."""
-    from dataclasses import asdict
-
     wanted = {"settings": asdict(s), "segmenter": segmenter, "teacher": teacher, "corpus": corpus}
     path = out / "pipeline_settings.json"
     if path.is_file():
@@ -209,11 +207,7 @@ def stage_corpus(out: Path, s: Settings, corpus: str | None) -> dict:
     train, dev = split.pretrain_train, split.pretrain_dev
     report = dict(split.report)
     if corpus is not None:  # the user's own corpus replaces the embedded pretraining text
-        from minirbt.textio import iter_lines
-
-        files = sorted(p for p in Path(corpus).rglob("*") if p.is_file()) if Path(corpus).is_dir() else [Path(corpus)]
-        if not files:
-            raise CorpusError(f"--corpus {corpus}: no files")
+        files = list_corpus_files(corpus) if Path(corpus).is_dir() else [Path(corpus)]
         lines = [line for f in files for line in iter_lines(f) if line.strip()]
         held_out = {t for part in split.sentiment.values() for t, _ in part}
         lines = [x for x in lines if x not in held_out]
