@@ -189,7 +189,9 @@ def _build_split_steps(name: str, files: list[str], refs: list[str], spec: Split
     tokens = lines.map(
         _tokenize, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
         fn_kwargs={"tokenizer_dir": tokenizer_dir, "files": files, "refs": refs},
-        remove_columns=["text", "file", "line"], new_fingerprint=f"tokens-{key}-{vocab_id}",
+        remove_columns=["text", "file", "line"],
+        # datasets caps fingerprints at 64 characters and appends "_00000_of_0000N" per worker: keep it short
+        new_fingerprint=_fingerprint("tokens", key, vocab_id),
         features=Features({"input_ids": Sequence(Value("int32")), "chinese_ref": Sequence(Value("int32"))}),
         desc=f"tokenizing {name}",
     )
@@ -203,7 +205,7 @@ def _build_split_steps(name: str, files: list[str], refs: list[str], spec: Split
         gen_kwargs={"tokens": tokens, "fingerprint": tokens._fingerprint, "cls_id": special_ids[0],
                     "sep_id": special_ids[1], "block": block},
         features=Features({"input_ids": Sequence(Value("int32")), "chinese_ref": Sequence(Value("int32"))}),
-        cache_dir=cache_dir, fingerprint=f"chunks-{key}-{vocab_id}-{max_seq_length}", split="train",
+        cache_dir=cache_dir, fingerprint=_fingerprint("chunks", key, vocab_id, max_seq_length), split="train",
     )
     stats = {"files": files, "ref_files": refs, "alignment": spec.alignment, "lines": len(lines),
              "tokens": n_input, "chunks": len(chunks)}  # chunking keeps every token

@@ -84,14 +84,19 @@ def final_weights(folder):
 
 
 def test_resume_after_kill_is_exact(tiny_teacher, dataset, student_config, tmp_path):
-    straight = tmp_path / "straight"
-    train(args_for(tiny_teacher, dataset, student_config, straight, max_steps=12, save_steps=4))
+    def cmd_for(out):
+        return [sys.executable, str(ROOT / "pretraining/train.py"), "--teacher", str(tiny_teacher), "--dataset",
+                str(dataset), "--output_dir", str(out), "--student_config", str(student_config), "--matches",
+                MATCHES, "--temperature", "1", "--mlm_weight", "1", "--max_steps", "12", "--batch_size", "8",
+                "--learning_rate", "1e-3", "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1",
+                "--seed", "3"]
 
+    # Both runs in fresh processes: a run inside pytest inherits thread settings and kernel choices from earlier
+    # tests, which changes float summation order (seen under CI), so only process-vs-process is bit-comparable.
+    straight = tmp_path / "straight"
+    subprocess.run(cmd_for(straight), check=True, capture_output=True)
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, str(ROOT / "pretraining/train.py"), "--teacher", str(tiny_teacher), "--dataset",
-           str(dataset), "--output_dir", str(resumed), "--student_config", str(student_config), "--matches", MATCHES,
-           "--temperature", "1", "--mlm_weight", "1", "--max_steps", "12", "--batch_size", "8", "--learning_rate",
-           "1e-3", "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1", "--seed", "3"]
+    cmd = cmd_for(resumed)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (resumed / "checkpoint-0000004").is_dir() and proc.poll() is None and time.time() < deadline:
