@@ -73,12 +73,13 @@ def markdown_tables(results: dict) -> str:
     lines = [f"# {results['title']}", "", results["description"], "",
              f"## Models of this run: {results['task']} test accuracy (mean of seeds {results['seeds']})", "",
              "| model | layers | hidden | heads | FFN | params | params w/o emb. | latency (ms) | speed-up "
-             "| accuracy (%) | ± std | relative to teacher |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| accuracy (%) | ± std | relative to teacher | fine-tuning lr |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         lines.append(f"| {m['name']} | {m['layers']} | {m['hidden']} | {m['heads']} | {m['ffn']} | {_m(m['params'])} "
                      f"| {_m(m['params_no_emb'])} | {m['latency_ms']:.1f} | {m['speedup']:.1f}x "
-                     f"| {100 * m['accuracy']:.2f} | {100 * m['accuracy_std']:.2f} | {100 * m['relative']:.1f}% |")
+                     f"| {100 * m['accuracy']:.2f} | {100 * m['accuracy_std']:.2f} | {100 * m['relative']:.1f}% "
+                     f"| {m['ft_learning_rate']:g} |")
     lines += ["", f"Latency: median forward pass of a batch of {lat['batch']} x {lat['seq_len']} tokens on this "
               f"machine's CPU ({lat['threads']} threads). Majority-class accuracy on test: "
               f"{100 * results['majority_class_accuracy']:.2f}%.", ""]
@@ -100,7 +101,13 @@ def markdown_tables(results: dict) -> str:
         lines.append(f"| {r['name']} | {r['layers']} | {r['hidden']} | {r['heads']} | {r['ffn']} | {_m(r['params'])} "
                      f"| {_m(r['params_no_emb'])} | {r['latency_ms']:.1f} | {r['speedup']:.1f}x "
                      f"| {r['claimed_speedup']:.1f}x |")
-    lines += ["", f"Total time: {results['seconds'] / 60:.1f} min.", ""]
+    lines += ["", f"Total time: {results['seconds'] / 60:.1f} min."]
+    if results.get("stage_seconds"):
+        lines += ["", "Time per stage (this invocation; a stage reused from an earlier run takes ~0 s): "
+                  + "; ".join(f"{name.split(' (')[0]} {sec / 60:.1f} min"
+                              for name, sec in results["stage_seconds"].items())
+                  + "."]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -42,6 +42,16 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert m["params"] == sum(p.numel() for p in model.parameters())
         ft = json.loads((out / "finetune" / m["key"] / "results.json").read_text())
         assert abs(m["accuracy"] - ft["test_accuracy"]) < 1e-12 and len(m["per_seed"]) == 2
+        # every learning rate was tried on dev; the reported one has the best mean dev accuracy
+        search = ft["learning_rate_search"]
+        assert [x["learning_rate"] for x in search] == [1e-4, 5e-4]
+        for x in search:
+            run = json.loads((out / "finetune" / m["key"] / f"lr-{x['learning_rate']:g}" / "results.json").read_text())
+            assert run["accuracy"] == x["dev_accuracy"] and run["test_accuracy"] == x["test_accuracy"]
+            assert all(r["learning_rate"] == x["learning_rate"] for r in run["per_seed"])
+        best = max(search, key=lambda x: x["dev_accuracy"])
+        assert m["ft_learning_rate"] == ft["learning_rate"] == best["learning_rate"]
+        assert m["dev_accuracy"] == best["dev_accuracy"] and m["accuracy"] == best["test_accuracy"]
         assert 0.0 <= m["accuracy"] <= 1.0 and m["latency_ms"] > 0
         assert abs(m["relative"] - m["accuracy"] / teacher["accuracy"]) < 1e-9
         assert abs(m["speedup"] - teacher["latency_ms"] / m["latency_ms"]) < 1e-9
