@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, tiny_bert
+from conftest import ROOT, run_script, tiny_bert
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -351,9 +351,11 @@ def test_neural_ltp_folder_cannot_name_arbitrary_code(tmp_path):
 
 
 # ------------------------------------------------------------------ stage outputs: all or nothing
-def _kill_when(cmd: list[str], ready, what: str, extra_delay: float = 0.0) -> None:
-    """Start ``cmd``, SIGKILL it once ``ready()`` holds (it is mid-way), and check it really was mid-way."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _kill_when(script: str, args: list[str], ready, extra_delay: float = 0.0) -> None:
+    """Start one of the project's scripts, SIGKILL it once ``ready()`` holds (it is mid-way), and check it really
+    was mid-way."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not ready():
         time.sleep(0.01)
@@ -361,12 +363,7 @@ def _kill_when(cmd: list[str], ready, what: str, extra_delay: float = 0.0) -> No
     alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
-    assert alive, f"{what} ended (exit {proc.returncode}) before it could be killed mid-way:\n{err.decode()[-3000:]}"
-
-
-def _ok(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    assert alive, f"{script} ended (exit {proc.returncode}) before it could be killed mid-way:\n{err.decode()[-3000:]}"
 
 
 def test_killed_stages_leave_nothing_a_later_stage_accepts(tmp_path, vocab_dir):
@@ -378,39 +375,38 @@ def test_killed_stages_leave_nothing_a_later_stage_accepts(tmp_path, vocab_dir):
     text = peoples_daily_sentences()
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"{text[i % len(text)]}{i}\n" for i in range(60_000)), encoding="utf-8")
-    refs_cmd = [sys.executable, str(ROOT / "pretraining/run_chinese_ref.py"), "--input", str(corpus),
-                "--tokenizer", str(vocab_dir), "--segmenter", "jieba", "--num_workers", "2"]
+    refs, data = "pretraining/run_chinese_ref.py", "pretraining/my_datasets.py"
+    refs_args = ["--input", str(corpus), "--tokenizer", str(vocab_dir), "--segmenter", "jieba", "--num_workers", "2"]
     cache = tmp_path / "hf_cache"  # this test's own datasets cache: a killed build leaves its debris here
 
-    def data_cmd(ref, out):
-        return [sys.executable, str(ROOT / "pretraining/my_datasets.py"), "--train_file", str(corpus),
-                "--train_ref_file", str(ref), "--tokenizer", str(vocab_dir), "--max_seq_length", "128",
-                "--output_dir", str(out), "--num_workers", "2", "--cache_dir", str(cache)]
+    def data_args(ref, out):
+        return ["--train_file", str(corpus), "--train_ref_file", str(ref), "--tokenizer", str(vocab_dir),
+                "--max_seq_length", "128", "--output_dir", str(out), "--num_workers", "2", "--cache_dir", str(cache)]
 
     straight_ref = tmp_path / "straight_ref.txt"
-    _ok(refs_cmd + ["--output", str(straight_ref)])
+    run_script(refs, *refs_args, "--output", straight_ref)
     ref = tmp_path / "c_ref.txt"
 
     def refs_half_written() -> bool:  # the temporary output holds some refs, not all
         return any(p.stat().st_size > 10_000 for p in tmp_path.glob(".c_ref.txt.tmp-*"))
 
-    _kill_when(refs_cmd + ["--output", str(ref)], refs_half_written, "run_chinese_ref.py")
+    _kill_when(refs, refs_args + ["--output", str(ref)], refs_half_written)
     assert not ref.exists() and list(tmp_path.glob(".c_ref.txt.tmp-*"))
-    _ok(refs_cmd + ["--output", str(ref)])
+    run_script(refs, *refs_args, "--output", ref)
     assert ref.read_bytes() == straight_ref.read_bytes()
 
-    _ok(data_cmd(ref, tmp_path / "straight_ds"))
+    run_script(data, *data_args(ref, tmp_path / "straight_ds"))
     out = tmp_path / "ds"
     shutil.rmtree(cache)  # the killed build starts from nothing, as a first run does
 
     def building() -> bool:  # datasets has started writing Arrow files for this build
         return cache.is_dir() and any(cache.rglob("*.arrow"))
 
-    _kill_when(data_cmd(ref, out), building, "my_datasets.py", extra_delay=random.Random(2).uniform(0.0, 1.0))
+    _kill_when(data, data_args(ref, out), building, extra_delay=random.Random(2).uniform(0.0, 1.0))
     assert not out.exists()
     with pytest.raises(CorpusError, match="is not a dataset made by"):
         load_pretraining_dataset(out)
-    _ok(data_cmd(ref, out))
+    run_script(data, *data_args(ref, out))
     a, b = load_pretraining_dataset(tmp_path / "straight_ds")["train"], load_pretraining_dataset(out)["train"]
     assert len(a) == len(b) > 100
     assert a["input_ids"] == b["input_ids"] and a["chinese_ref"] == b["chinese_ref"]
