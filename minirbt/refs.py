@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from minirbt.segmentation import Segmenter, make_segmenter
 from minirbt.textio import CorpusError, atomic_path, count_lines, iter_lines, require_file
 from minirbt.tokenization import (
+    CJK_CLASS,
     CJK_RUN,
     HASH_CJK,
     MULTI_CJK,
@@ -48,22 +50,17 @@ def is_cjk_word(word: str) -> bool:
     return CJK_RUN.fullmatch(word) is not None
 
 
-_MASKABLE: dict[str, bool] = {}  # word -> longer than one character and all CJK (a cache)
+# A multi-character, all-CJK word between two NULs (the separator of the joined words).
+_MASKABLE_WORD = re.compile(f"\x00([{CJK_CLASS}]{{2,}})(?=\x00)")
 
 
 def chinese_words(words: Iterable[str]) -> set[str]:
     """The words that can be whole-word masked: longer than one character, all CJK."""
-    out = set()
-    cache = _MASKABLE
-    for w in words:
-        ok = cache.get(w)
-        if ok is None:
-            if len(cache) > 2_000_000:
-                cache.clear()
-            ok = cache[w] = len(w) > 1 and CJK_RUN.fullmatch(w) is not None
-        if ok:
-            out.add(w)
-    return out
+    words = words if isinstance(words, list) else list(words)
+    joined = "\x00" + "\x00".join(words) + "\x00"
+    if joined.count("\x00") == len(words) + 1:  # one regex pass in C instead of a test per word
+        return set(_MASKABLE_WORD.findall(joined))
+    return {w for w in words if len(w) > 1 and CJK_RUN.fullmatch(w)}  # a word holds a NUL
 
 
 def format_refs(refs: list[list[int]]) -> str:
@@ -86,14 +83,14 @@ def whole_word_ref(tokens: list[str] | str, words: Iterable[str]) -> list[int]:
     if MULTI_CJK in line:
         return reference_ref(list(tokens), words)
     ref: list[int] = []
-    longest: dict[int, int] = {}
+    longest: dict[int, int] = {}  # position -> length of the longest word starting there
+    first_wins = longest.setdefault
     find = line.find
-    for word in chinese_words(words):
+    for word in sorted(chinese_words(words), key=len, reverse=True):  # longest first
         n = len(word)
         i = find(word)
         while i != -1:
-            if longest.get(i, 0) < n:
-                longest[i] = n
+            first_wins(i, n)
             i = find(word, i + 1)
     start = 0
     for pos in sorted(longest):
@@ -165,6 +162,7 @@ class RefBuilder:
         # Identical lines (frequent in web corpora) get identical refs: remember recent ones.
         self._memo: dict[str, list[int]] = {}
         self.memo_size = memo_size
+        self.segmented = 0  # lines handed to the segmenter so far
 
     def refs(self, lines: list[str]) -> list[list[int]]:
         # As the reference script: the segmenter and the tokenizer see the stripped line.
@@ -173,6 +171,7 @@ class RefBuilder:
         todo_idx = [i for i, r in enumerate(out) if r is None]
         todo = list(dict.fromkeys(stripped[i] for i in todo_idx))
         if todo:
+            self.segmented += len(todo)
             words = self.segmenter.segment(todo)
             if len(words) != len(todo):
                 raise RuntimeError(f"segmenter returned {len(words)} results for {len(todo)} lines")
@@ -199,9 +198,11 @@ class RefSpec:
     user_dict: str | None = None
     device: str = "cpu"
 
-    def build(self) -> RefBuilder:
+    def build(self, threads: bool = True) -> RefBuilder:
+        """``threads=False`` in worker processes: the segmenter runs on the calling thread."""
         return RefBuilder(LineTokenizer(load_tokenizer(self.tokenizer)),
-                          make_segmenter(self.segmenter, self.ltp_model, self.user_dict, device=self.device))
+                          make_segmenter(self.segmenter, self.ltp_model, self.user_dict, device=self.device,
+                                         threads=threads))
 
 
 _WORKER_BUILDER: RefBuilder | None = None
@@ -209,21 +210,35 @@ _WORKER_BUILDER: RefBuilder | None = None
 
 def _worker_init(spec: RefSpec) -> None:
     global _WORKER_BUILDER
-    os.environ["RAYON_NUM_THREADS"] = "1"  # LTP's Rust thread pool: one thread per worker
+    os.environ["RAYON_NUM_THREADS"] = "1"  # should any Rust pool start anyway: one thread per worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_BUILDER = spec.build()
+    _WORKER_BUILDER = spec.build(threads=False)
 
 
-def _work(block: list[str]) -> str:
+def _work(lines: list[str]) -> list[str]:
     assert _WORKER_BUILDER is not None
-    refs = _WORKER_BUILDER.refs(block)
-    return format_refs(refs)
+    return [f"{r}\n" for r in _WORKER_BUILDER.refs(lines)]
+
+
+class _Job:
+    """Distinct stripped lines sent to a worker, and (once fetched) their ref lines."""
+
+    def __init__(self, lines: list[str], result):
+        self.lines = lines
+        self._result = result
+        self._refs: dict[str, str] | None = None
+
+    def refs(self) -> dict[str, str]:
+        if self._refs is None:
+            self._refs = dict(zip(self.lines, self._result.get()))
+        return self._refs
 
 
 @dataclass
 class RefStats:
     lines: int
     seconds: float
+    segmented: int  # distinct non-blank lines that were segmented (repeats are looked up)
 
     @property
     def lines_per_s(self) -> float:
@@ -248,11 +263,12 @@ class RefWriter:
     threads - LTP's and the tokenizer's Rust pools, torch's - might hold locks),
     each loading its own tokenizer and segmenter once; the pool serves every file.
     At most two blocks per worker are in flight, so memory stays bounded whatever
-    the corpus size.
+    the corpus size. A line whose stripped text was already sent (among the last
+    ``memo_size`` distinct lines) is not sent again: its ref is looked up here.
     """
 
     def __init__(self, spec: RefSpec | RefBuilder, num_workers: int = 1, block_lines: int = 2000,
-                 errors: str = "strict", progress: bool = True):
+                 errors: str = "strict", progress: bool = True, memo_size: int = 100_000):
         if num_workers > 1 and not isinstance(spec, RefSpec):
             raise ValueError("worker processes need a RefSpec to build their own RefBuilder")
         self.spec = spec
@@ -260,6 +276,7 @@ class RefWriter:
         self.block_lines = block_lines
         self.errors = errors
         self.progress = progress
+        self.memo_size = memo_size
         self._pool = None
         self._builder: RefBuilder | None = None
 
@@ -285,36 +302,65 @@ class RefWriter:
         input_path = require_file(input_path, "corpus file", allow_empty=True)
         total = count_lines(input_path)
         t0 = time.perf_counter()
-        written = 0
+        written = segmented = 0
         bar = tqdm(total=total, unit=" lines", desc=f"refs {input_path.name}", disable=not self.progress,
                    dynamic_ncols=True, smoothing=0.1)
         with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
             blocks = _blocks(input_path, self.block_lines, self.errors)
             if self._pool is None:
                 assert self._builder is not None, "use RefWriter as a context manager"
+                before = self._builder.segmented
                 for block in blocks:
                     out.write(format_refs(self._builder.refs(block)))
                     written += len(block)
                     bar.update(len(block))
+                segmented = self._builder.segmented - before
             else:
+                # Workers only ever see distinct lines that no earlier block held: repeated
+                # lines (common in web corpora; OCNLI repeats each premise 3x) are looked up
+                # here, so no worker segments a line another worker already did.
+                known: dict[str, str] = {}  # stripped line -> ref line, the most recent ones
+                inflight: dict[str, _Job] = {}  # stripped line -> the job computing it
                 pending: deque = deque()
                 for block in blocks:
-                    pending.append((len(block), self._pool.apply_async(_work, (block,))))
+                    stripped = [line.strip() for line in block]
+                    sources: list[str | _Job | None] = []
+                    new: dict[str, None] = {}
+                    for s in stripped:
+                        src = (known.get(s) or inflight.get(s)) if s else "[]\n"
+                        if src is None:
+                            new[s] = None
+                        sources.append(src)
+                    job = None
+                    if new:
+                        lines = list(new)
+                        job = _Job(lines, self._pool.apply_async(_work, (lines,)))
+                        inflight.update(dict.fromkeys(lines, job))
+                        segmented += len(lines)
+                    pending.append((stripped, [job if src is None else src for src in sources], job))
                     while len(pending) >= 2 * self.num_workers:
-                        n, res = pending.popleft()
-                        out.write(res.get())
-                        written += n
-                        bar.update(n)
+                        written += self._write_block(out, pending.popleft(), known, inflight, bar)
                 while pending:
-                    n, res = pending.popleft()
-                    out.write(res.get())
-                    written += n
-                    bar.update(n)
+                    written += self._write_block(out, pending.popleft(), known, inflight, bar)
             out.flush()
             if written != total:
                 raise CorpusError(f"{input_path}: read {written} lines but the file has {total}; was it modified?")
         bar.close()
-        return RefStats(written, time.perf_counter() - t0)
+        return RefStats(written, time.perf_counter() - t0, segmented)
+
+
+    def _write_block(self, out, entry, known: dict[str, str], inflight: dict[str, _Job], bar) -> int:
+        stripped, sources, job = entry
+        out.write("".join(src if isinstance(src, str) else src.refs()[s] for s, src in zip(stripped, sources)))
+        if job is not None:
+            fresh = job.refs()
+            for s in fresh:
+                inflight.pop(s, None)
+            if len(known) + len(fresh) > self.memo_size:
+                known.clear()  # bounded memory; later blocks hold their values already
+            known.update(fresh)
+        bar.update(len(stripped))
+        return len(stripped)
 
 
 def write_ref_file(spec: RefSpec | RefBuilder, input_path: str | os.PathLike, output_path: str | os.PathLike,

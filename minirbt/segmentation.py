@@ -65,7 +65,8 @@ class LTPSegmenter:
 
     name = "ltp"
 
-    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", batch_size: int = 256):
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", batch_size: int = 256,
+                 threads: bool = True):
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise CorpusError(
@@ -85,6 +86,10 @@ class LTPSegmenter:
         if self.neural:
             _patch_neural_ltp(self.ltp)
         self.batch_size = batch_size
+        # Perceptron models: LTP's own thread pool on all cores (threads=True), or the
+        # calling thread alone, as in worker processes that already use every core (an
+        # idle pool thread spins after each batch, taking CPU from the other workers).
+        self.threads = threads
 
     def segment(self, lines: list[str]) -> list[list[str]]:
         out: list[list[str]] = []
@@ -96,9 +101,7 @@ class LTPSegmenter:
                 with torch.no_grad():
                     out.extend(self.ltp.pipeline(batch, tasks=["cws"]).cws)
             else:
-                # LTP's parallel path; in worker processes its pool has one thread
-                # (RAYON_NUM_THREADS=1, see minirbt.refs) so cores are not oversubscribed.
-                out.extend(self.ltp.pipeline(batch, tasks=["cws"]).cws)
+                out.extend(self.ltp.pipeline(batch, tasks=["cws"], parallelism=self.threads).cws)
         return out
 
 
@@ -123,13 +126,13 @@ def check_ltp_targets(config, where: Path) -> None:
 
 
 def make_segmenter(kind: str, ltp_model: str | os.PathLike | None = None, user_dict: str | None = None,
-                   device: str = "cpu", batch_size: int = 256) -> Segmenter:
+                   device: str = "cpu", batch_size: int = 256, threads: bool = True) -> Segmenter:
     if kind == "jieba":
         return JiebaSegmenter(user_dict)
     if kind == "ltp":
         if ltp_model is None:
             raise CorpusError("--segmenter ltp needs --ltp_model DIR (a local LTP folder)")
-        return LTPSegmenter(ltp_model, device=device, batch_size=batch_size)
+        return LTPSegmenter(ltp_model, device=device, batch_size=batch_size, threads=threads)
     raise CorpusError(f"unknown segmenter {kind!r}: choose 'ltp' or 'jieba'")
 
 

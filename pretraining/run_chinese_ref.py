@@ -88,7 +88,8 @@ def main() -> None:
     with RefWriter(builder if workers == 1 else spec, workers, args.batch_size, args.encoding_errors) as writer:
         for src, dst in pairs:
             stats = writer.write(src, dst)
-            print(f"{src} -> {dst}: {stats.lines} lines in {stats.seconds:.1f} s ({stats.lines_per_s:,.0f} lines/s)")
+            print(f"{src} -> {dst}: {stats.lines} lines ({stats.segmented} distinct segmented) in "
+                  f"{stats.seconds:.1f} s ({stats.lines_per_s:,.0f} lines/s)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ import time
 import pytest
 from conftest import ROOT, run_script
 
-from minirbt.refs import RefBuilder, RefSpec, reference_prepare_ref, reference_ref, whole_word_ref, write_ref_file
+from minirbt.refs import (
+    RefBuilder,
+    RefSpec,
+    RefWriter,
+    reference_prepare_ref,
+    reference_ref,
+    whole_word_ref,
+    write_ref_file,
+)
 from minirbt.segmentation import make_segmenter
 from minirbt.textio import CorpusError, iter_lines
 from minirbt.tokenization import LineTokenizer
@@ -51,6 +59,31 @@ def test_identical_to_reference_on_real_text(segmenter, tokenizer, vocab_dir, lt
     assert sum(len(r) for r in ours) > 5 * len(lines)  # real words were found
     for i in set(range(len(lines))) - set(compared):  # long lines: the full ref, no truncation
         assert ours[i][: len(expected[i])] == expected[i] or max(ours[i]) > 511
+
+
+def test_repeated_lines_are_segmented_once_across_workers(vocab_dir, ltp_dir, real_lines, tmp_path):
+    # Repeats far apart (other blocks, so other workers), with other surrounding
+    # whitespace, and blank lines: every distinct line is segmented once and every
+    # copy gets the same ref as a one-process run.
+    lines = [x.strip() for x in real_lines[:400] if x.strip()]
+    corpus_lines = lines + [f"  {x}\t" for x in reversed(lines)] + ["", "   "] + lines[::3]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(corpus_lines) + "\n", encoding="utf-8")
+    spec = RefSpec(str(vocab_dir), "ltp", str(ltp_dir))
+    one = write_ref_file(spec, corpus, tmp_path / "one.txt", num_workers=1, progress=False)
+    two = write_ref_file(spec, corpus, tmp_path / "two.txt", num_workers=2, block_lines=37, progress=False)
+    assert (tmp_path / "two.txt").read_bytes() == (tmp_path / "one.txt").read_bytes()
+    assert one.lines == two.lines == len(corpus_lines)
+    assert one.segmented == two.segmented == len(set(lines))
+    refs = [json.loads(x) for x in iter_lines(tmp_path / "two.txt")]
+    n = len(lines)
+    assert refs[:n] == refs[n : 2 * n][::-1] and refs[2 * n : 2 * n + 2] == [[], []]
+    assert sum(map(len, refs)) > 5 * n
+    # a memory bound far below the corpus: repeats are segmented again, refs unchanged
+    with RefWriter(spec, num_workers=2, block_lines=37, progress=False, memo_size=50) as writer:
+        small = writer.write(corpus, tmp_path / "small.txt")
+    assert (tmp_path / "small.txt").read_bytes() == (tmp_path / "one.txt").read_bytes()
+    assert small.segmented > len(set(lines))
 
 
 def test_long_line_gets_full_ref(tokenizer):
