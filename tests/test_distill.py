@@ -79,6 +79,26 @@ def test_distillation_lowers_every_loss_and_moves_student_to_teacher(tiny_teache
     assert (tmp_path / "out" / "runs").is_dir()
 
 
+def test_bf16_autocast_trains_with_fp32_losses_and_weights(tiny_teacher, dataset, student_config, tmp_path):
+    # The same run in fp32 and under bf16 autocast: the first step's loss terms agree to bf16 precision (the
+    # forward passes really ran in bf16, the losses were taken in fp32), every term falls, weights stay fp32.
+    runs = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        runs[name] = train(args_for(tiny_teacher, dataset, student_config, tmp_path / name, max_steps=30,
+                                    save_steps=30, learning_rate=2e-3, bf16=bf16))["history"]
+    first32, first16 = runs["fp32"][0], runs["bf16"][0]
+    terms = [k for k in first32 if k != "step"]
+    assert len(terms) == 5
+    for term in terms:
+        assert first16[term] == pytest.approx(first32[term], rel=0.05), term
+        history = runs["bf16"]
+        assert sum(h[term] for h in history[-5:]) < sum(h[term] for h in history[:5]), term
+    for term in ("kd", "mlm"):  # the logits came through bf16 matmuls (the embedding output, match0, did not)
+        assert first16[term] != first32[term], term
+    weights = final_weights(tmp_path / "bf16")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
 def final_weights(folder):
     return load_file(str(folder / "model.safetensors"))
 

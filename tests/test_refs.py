@@ -10,6 +10,8 @@ import time
 
 import pytest
 from conftest import ROOT, run_script
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minirbt.refs import (
     RefBuilder,
@@ -36,6 +38,26 @@ def test_hand_checked_example():
     # a window holding a non-CJK token never matches; single-character and mixed words never count
     assert whole_word_ref(["[CLS]", "中", "[UNK]", "国", "[SEP]"], ["中国", "中x国"]) == []
     assert whole_word_ref(["[CLS]", "a", "##b", "[SEP]"], ["ab"]) == []
+
+
+# Few distinct characters, so that words overlap, nest and repeat; tokens that are
+# not one CJK character (subwords, [UNK], "##" + CJK, a two-character CJK token),
+# and words holding non-CJK characters, including the NUL that token characters use.
+_CJK = list("中国人民大学")
+_TOKEN = st.one_of(st.sampled_from(_CJK), st.sampled_from(["[UNK]", "ok", "##中", "中国", "1", "\x00"]))
+_WORD = st.one_of(st.lists(st.sampled_from(_CJK), min_size=1, max_size=5).map("".join),
+                  st.sampled_from(["", "中\x00国", "ok", "中ok", "\x00", "##中", "国\x01"]))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(tokens=st.lists(_TOKEN, max_size=24), words=st.lists(_WORD, max_size=6), data=st.data())
+def test_matching_equals_the_reference_scan(tokens, words, data):
+    tokens = ["[CLS]", *tokens, "[SEP]"]
+    # plus words cut from the line itself, so that long, nested and overlapping matches are common
+    for _ in range(data.draw(st.integers(0, 6))):
+        i = data.draw(st.integers(0, len(tokens) - 1))
+        words.append("".join(tokens[i : i + data.draw(st.integers(1, 6))]))
+    assert whole_word_ref(tokens, words) == reference_ref(tokens, words)
 
 
 @pytest.fixture(scope="module", params=["jieba", "ltp"])
