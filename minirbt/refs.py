@@ -74,7 +74,7 @@ _MARKERS = re.compile("[\x00\x01\x02]")
 
 
 def whole_word_ref(tokens: list[str] | str, words: Iterable[str]) -> list[int]:
-    """Ref positions of one line: the same result as :func:`reference_ref`, ~10x faster.
+    """Ref positions of one line: the same result as :func:`reference_ref`, ~4x faster.
 
     ``tokens`` is the token list or its token characters (one character per token,
     see :func:`minirbt.tokenization.token_chars`). The reference's scan - at each
@@ -255,12 +255,21 @@ class RefStats:
         return self.lines / max(self.seconds, 1e-9)
 
 
-def _blocks(path: Path, block_lines: int, errors: str) -> Iterator[list[str]]:
+def _blocks(path: Path, block_lines: int, errors: str, total: int | None = None,
+            workers: int = 1) -> Iterator[list[str]]:
+    """Blocks of ``block_lines`` lines; with ``total`` known, smaller ones towards the end
+    (a quarter of what each worker has left), so that workers finish together."""
     block: list[str] = []
+    size = block_lines
+    remaining = total
     for line in iter_lines(path, errors=errors):
+        if not block and remaining is not None:
+            size = min(block_lines, max(64, remaining // (4 * workers)))
         block.append(line)
-        if len(block) == block_lines:
+        if len(block) == size:
             yield block
+            if remaining is not None:
+                remaining -= size
             block = []
     if block:
         yield block
@@ -316,7 +325,7 @@ class RefWriter:
         bar = tqdm(total=total, unit=" lines", desc=f"refs {input_path.name}", disable=not self.progress,
                    dynamic_ncols=True, smoothing=0.1)
         with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-            blocks = _blocks(input_path, self.block_lines, self.errors)
+            blocks = _blocks(input_path, self.block_lines, self.errors, total, max(1, self.num_workers))
             if self._pool is None:
                 assert self._builder is not None, "use RefWriter as a context manager"
                 before = self._builder.segmented

@@ -43,7 +43,7 @@ def test_hand_checked_example():
 # Few distinct characters, so that words overlap, nest and repeat; tokens that are
 # not one CJK character (subwords, [UNK], "##" + CJK, a two-character CJK token),
 # and words holding non-CJK characters, including the NUL that token characters use.
-_CJK = list("中国人民大学")
+_CJK = list("中国人民大学\U00020000")  # and one CJK character outside the BMP
 _TOKEN = st.one_of(st.sampled_from(_CJK), st.sampled_from(["[UNK]", "ok", "##中", "中国", "1", "\x00"]))
 _WORD = st.one_of(st.lists(st.sampled_from(_CJK), min_size=1, max_size=5).map("".join),
                   st.sampled_from(["", "中\x00国", "ok", "中ok", "\x00", "##中", "国\x01"]))
@@ -235,3 +235,17 @@ def test_refbuilder_rejects_bad_segmenter(tokenizer):
 def test_unknown_segmenter():
     with pytest.raises(CorpusError, match="unknown segmenter"):
         make_segmenter("thulac")
+
+
+def test_blocks_shrink_towards_the_end_and_keep_every_line(tmp_path):
+    from minirbt.refs import _blocks
+
+    lines = [f"第{i}行" for i in range(10_000)]
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    blocks = list(_blocks(path, 1000, "strict", total=len(lines), workers=2))
+    sizes = [len(b) for b in blocks]
+    assert [x for b in blocks for x in b] == lines  # nothing lost, reordered or repeated
+    assert sizes[0] == max(sizes) == 1000 and sizes == sorted(sizes, reverse=True)
+    assert sizes[-2] <= 250  # the last blocks are small: no worker is left alone with a big one
+    assert [len(b) for b in _blocks(path, 1000, "strict")] == [1000] * 10  # total unknown: fixed size
