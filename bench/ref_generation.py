@@ -159,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=40_000, help="Lines to use (at most what the sources hold).")
     ap.add_argument("--workers", type=int, default=default_workers())
-    ap.add_argument("--repeats", type=int, default=3, help="Runs of each side; medians are reported.")
+    ap.add_argument("--repeats", type=int, default=5, help="Runs of each side, interleaved; medians are reported.")
     ap.add_argument("--ltp_model", default=None, help="LTP folder (default: train one into a temp folder).")
     args = ap.parse_args()
 

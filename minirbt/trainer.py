@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -453,7 +454,11 @@ def train(args: DistillArguments) -> dict:
                                   f"good checkpoint is kept in {out}")
         else:
             optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (on purpose: the schedule follows the step count, which
+            # resume relies on); torch warns when that happens before any optimizer step.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
