@@ -72,6 +72,8 @@ def real_lines(limit: int) -> tuple[list[str], str]:
 # Mirrors transformers' examples/research_projects/mlm_wwm/run_chinese_ref.py
 # (Apache-2.0), the script MiniRBT ships with batches of 50: every step that costs
 # time is kept as it is there, so that the baseline is the script users run.
+# minirbt.refs.reference_ref is the same scan with a set and the project's regex CJK
+# test (the tests' oracle); it is timed too, as the in-memory variant.
 
 
 def _is_chinese_char(cp: int) -> bool:
