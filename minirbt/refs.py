@@ -39,6 +39,7 @@ from minirbt.tokenization import (
     CJK_RUN,
     HASH_CJK,
     MULTI_CJK,
+    NOT_CJK,
     LineTokenizer,
     is_cjk_char,
     load_tokenizer,
@@ -69,8 +70,8 @@ def format_refs(refs: list[list[int]]) -> str:
     return "".join(f"{r}\n" for r in refs)
 
 
-# Characters of token-character strings that are not CJK (see minirbt.tokenization).
-_MARKERS = re.compile("[\x00\x01\x02]")
+# The characters of token-character strings that are not CJK (see minirbt.tokenization).
+_MARKERS = re.compile(f"[{NOT_CJK}{MULTI_CJK}{HASH_CJK}]")
 
 
 def whole_word_ref(tokens: list[str] | str, words: Iterable[str]) -> list[int]:

@@ -87,11 +87,11 @@ def test_bf16_autocast_trains_with_fp32_losses_and_weights(tiny_teacher, dataset
         runs[name] = train(args_for(tiny_teacher, dataset, student_config, tmp_path / name, max_steps=30,
                                     save_steps=30, learning_rate=2e-3, bf16=bf16))["history"]
     first32, first16 = runs["fp32"][0], runs["bf16"][0]
+    history = runs["bf16"]
     terms = [k for k in first32 if k != "step"]
     assert len(terms) == 5
     for term in terms:
         assert first16[term] == pytest.approx(first32[term], rel=0.05), term
-        history = runs["bf16"]
         assert sum(h[term] for h in history[-5:]) < sum(h[term] for h in history[:5]), term
     for term in ("kd", "mlm"):  # the logits came through bf16 matmuls (the embedding output, match0, did not)
         assert first16[term] != first32[term], term

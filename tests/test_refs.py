@@ -17,6 +17,7 @@ from minirbt.refs import (
     RefBuilder,
     RefSpec,
     RefWriter,
+    _blocks,
     reference_prepare_ref,
     reference_ref,
     whole_word_ref,
@@ -238,8 +239,6 @@ def test_unknown_segmenter():
 
 
 def test_blocks_shrink_towards_the_end_and_keep_every_line(tmp_path):
-    from minirbt.refs import _blocks
-
     lines = [f"第{i}行" for i in range(10_000)]
     path = tmp_path / "c.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
