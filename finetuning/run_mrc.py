@@ -19,14 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transformers import HfArgumentParser  # noqa: E402
-
-from minirbt.cli import run  # noqa: E402
-from minirbt.finetune import FinetuneArguments, run_mrc  # noqa: E402
+from minirbt.cli import parse, run  # noqa: E402
+from minirbt.finetune import MRCArguments, run_mrc  # noqa: E402
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(FinetuneArguments).parse_args_into_dataclasses()
+    (args,) = parse(MRCArguments)
     r = run_mrc(args)
     print(f"{r['task']}: EM {r['em']:.2f} F1 {r['f1']:.2f} (mean over {len(r['per_seed'])} seeds; "
           f"{r['skipped_bad_answers']} bad answers skipped) -> {args.output_dir}/results.json")

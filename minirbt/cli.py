@@ -1,12 +1,21 @@
-"""Small helpers shared by the command-line scripts."""
+"""Small helpers shared by the command-line scripts: parsing, argument checks, and the
+one-line error contract (a user mistake prints ``error: ...`` and exits with status 2,
+never a traceback)."""
 
 from __future__ import annotations
 
+import argparse
+import errno
+import math
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from minirbt.textio import CorpusError
+
+OVERWRITE_HELP = ("Replace an earlier output of this command that was made with other settings (inputs are never "
+                  "replaced; a folder of anything else is always refused).")
 
 
 def default_workers() -> int:
@@ -17,14 +26,128 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class _OneLineErrors:
+    """argparse prints the usage and ``prog: error: ...``; ours raises, so ``run`` prints one ``error:`` line."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise CorpusError(f"{message} (see --help)")
+
+
+class ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+def parse(*dataclass_types) -> tuple:
+    """``HfArgumentParser(...).parse_args_into_dataclasses()`` with one-line errors; ``__post_init__`` checks run."""
+    from transformers import HfArgumentParser
+
+    class Parser(_OneLineErrors, HfArgumentParser):
+        pass
+
+    *parsed, rest = Parser(dataclass_types).parse_args_into_dataclasses(return_remaining_strings=True)
+    if rest:
+        raise CorpusError(f"unrecognized arguments: {' '.join(rest)} (see --help)")
+    return tuple(parsed)
+
+
+# ------------------------------------------------------------------ argument checks (in __post_init__)
+def _bad(name: str, value: Any, rule: str) -> CorpusError:
+    return CorpusError(f"--{name} must be {rule}, got {value!r}")
+
+
+def check_ranges(args: Any, *, at_least_1: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = (), probability: tuple[str, ...] = (),
+                 fraction: tuple[str, ...] = ()) -> None:
+    """Validate numeric arguments up front, naming the flag. ``None`` (an unset optional) passes.
+
+    at_least_1: integers >= 1; non_negative: >= 0; positive: > 0 and finite; probability: in (0, 1);
+    fraction: in [0, 1)."""
+    for name in at_least_1:
+        v = getattr(args, name)
+        if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+            raise _bad(name, v, "an integer of at least 1")
+    for name in non_negative:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise _bad(name, v, "a finite number >= 0")
+    for name in positive:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise _bad(name, v, "a finite number > 0")
+    for name in probability:
+        v = getattr(args, name)
+        if v is not None and not (0 < v < 1):
+            raise _bad(name, v, "a probability strictly between 0 and 1")
+    for name in fraction:
+        v = getattr(args, name)
+        if v is not None and not (0 <= v < 1):
+            raise _bad(name, v, "a share in [0, 1)")
+
+
+def check_device(device: str | None) -> None:
+    """``--device``: cpu, cuda or cuda:N, and CUDA must exist when asked for."""
+    if device is None:
+        return
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise CorpusError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CorpusError(f"--device {device}: this machine has no CUDA device (or torch is a CPU build); "
+                              "use --device cpu")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise CorpusError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """``1,2,3`` -> [1, 2, 3]; non-negative integers, no repeats."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise CorpusError(f"{flag} must be comma-separated integers such as 1,2,3, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise CorpusError(f"{flag} must list distinct non-negative integers such as 1,2,3, got {text!r}")
+    return seeds
+
+
+# ------------------------------------------------------------------ running a script
+_OS_HINTS = {
+    errno.ENOSPC: "free some space (or point the output elsewhere) and re-run",
+    errno.EDQUOT: "free some space under your quota and re-run",
+    errno.EACCES: "check the permissions of the path",
+    errno.EPERM: "check the permissions of the path",
+    errno.EROFS: "the filesystem is read-only: write the output elsewhere",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "remove it or give another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "give a file, not a folder",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    where = " -> ".join(str(x) for x in (e.filename, e.filename2) if x is not None)
+    text = e.strerror or str(e)
+    hint = _OS_HINTS.get(e.errno or 0)
+    return f"{where + ': ' if where else ''}{text}" + (f" ({hint})" if hint else "")
+
+
 def run(main: Callable[[], int | None]) -> None:
-    """Run a script's ``main``; user mistakes end with one clear line, not a traceback."""
+    """Run a script's ``main``; user mistakes and OS errors end with one ``error:`` line and status 2.
+
+    A stage that keeps something on Ctrl-C says what by raising ``KeyboardInterrupt(message)``."""
     try:
         code = main()
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no partial output was kept", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        what = e.args[0] if e.args else "no partial output was kept (outputs are written whole or not at all)"
+        print(f"\ninterrupted: {what}", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

@@ -36,11 +36,11 @@ import datasets
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from minirbt import __version__
+from minirbt import __version__, stages
 from minirbt.textio import CorpusError, atomic_path, count_lines, is_blank, iter_lines, require_file
-from minirbt.tokenization import LineTokenizer, load_tokenizer, vocab_fingerprint
+from minirbt.tokenization import NOT_CJK, LineTokenizer, load_tokenizer, token_char, vocab_fingerprint
 
-MANIFEST = "minirbt_dataset.json"
+MANIFEST = stages.DATASET.record  # minirbt_dataset.json
 COLUMNS = ("input_ids", "chinese_ref")
 
 
@@ -107,13 +107,20 @@ def _line_records(files: list[str], refs: list[str], alignment: list[str], error
             yield {"text": line, "chinese_ref": ref, "file": index, "line": lineno}
 
 
-_TOKENIZERS: dict[str, LineTokenizer] = {}
+_TOKENIZERS: dict[str, tuple[LineTokenizer, list[bool]]] = {}
+
+
+def _line_tokenizer(tokenizer_dir: str) -> tuple[LineTokenizer, list[bool]]:
+    """The tokenizer of a folder, and per token id whether it can be part of a Chinese word."""
+    if tokenizer_dir not in _TOKENIZERS:
+        tok = load_tokenizer(tokenizer_dir)
+        by_id = tok.convert_ids_to_tokens(list(range(len(tok))))
+        _TOKENIZERS[tokenizer_dir] = (LineTokenizer(tok), [token_char(t) != NOT_CJK for t in by_id])
+    return _TOKENIZERS[tokenizer_dir]
 
 
 def _tokenize(batch: dict, tokenizer_dir: str, files: list[str], refs: list[str]) -> dict:
-    lt = _TOKENIZERS.get(tokenizer_dir)
-    if lt is None:
-        lt = _TOKENIZERS[tokenizer_dir] = LineTokenizer(load_tokenizer(tokenizer_dir))
+    lt, chinese = _line_tokenizer(tokenizer_dir)
     ids = lt.ids([t.strip() for t in batch["text"]])  # stripped, as stage 1 saw the line
     for tokens, ref, fi, lineno in zip(ids, batch["chinese_ref"], batch["file"], batch["line"]):
         n = len(tokens)
@@ -122,6 +129,14 @@ def _tokenize(batch: dict, tokenizer_dir: str, files: list[str], refs: list[str]
                 raise CorpusError(
                     f"{refs[fi]}: ref position {r} for {files[fi]}:{lineno} is outside the line's {n} tokens "
                     f"(valid: 1..{n}, [CLS] = 0). Were the refs made with another tokenizer?")
+            # a ref marks a Chinese character that continues a word: it follows another Chinese character
+            if r < 2 or not (chinese[tokens[r - 1]] and chinese[tokens[r - 2]]):
+                shown = lt.tokenizer.convert_ids_to_tokens(tokens[max(0, r - 2) : r])
+                raise CorpusError(
+                    f"{refs[fi]}: ref position {r} for {files[fi]}:{lineno} marks {shown[-1]!r} after "
+                    f"{shown[0] if r >= 2 else '[CLS]'!r}, not a Chinese character continuing a word. The ref "
+                    "file does not belong to this corpus file (or was made with another tokenizer): re-run "
+                    "run_chinese_ref.py.")
     return {"input_ids": ids, "chinese_ref": batch["chinese_ref"]}
 
 
@@ -223,11 +238,24 @@ def build_pretraining_dataset(
     num_workers: int = 1,
     errors: str = "strict",
     cache_dir: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Build (or find up to date) the chunked dataset; returns its manifest."""
+    """Build (or find up to date) the chunked dataset; returns its record (``minirbt_dataset.json``).
+
+    The output folder is claimed first (:func:`minirbt.stages.claim`): a dataset of other settings or inputs is
+    replaced only with ``overwrite``; a folder of anything else is refused."""
     if max_seq_length < 8:
         raise CorpusError(f"--max_seq_length must be at least 8, got {max_seq_length}")
     tokenizer = load_tokenizer(tokenizer_dir)  # clear error for a folder without a vocab
+    config = Path(tokenizer_dir) / "config.json"
+    if config.is_file():  # a model folder: chunks must fit its position embeddings
+        try:
+            positions = json.loads(config.read_text()).get("max_position_embeddings")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            positions = None
+        if isinstance(positions, int) and max_seq_length > positions:
+            raise CorpusError(f"--max_seq_length {max_seq_length} is longer than the model's "
+                              f"max_position_embeddings {positions} ({config})")
     splits = {"train": check_split("train", train_files, train_refs)}
     if dev_files:
         splits["validation"] = check_split("dev", dev_files, dev_refs or [])
@@ -235,40 +263,46 @@ def build_pretraining_dataset(
         raise CorpusError("--dev_ref_file given without --dev_file")
     vocab_id = vocab_fingerprint(tokenizer)
     request = {
-        "version": __version__,
-        "max_seq_length": max_seq_length,
-        "vocab": vocab_id,
-        "errors": errors,
-        "inputs": {name: [_signature(s), s.alignment] for name, s in splits.items()},
+        "settings": {"max_seq_length": max_seq_length, "vocab": vocab_id, "encoding_errors": errors,
+                     "alignment": {name: s.alignment for name, s in splits.items()}},
+        "inputs": {f"{name} {what} {i + 1}": stages.input_entry(p, stages.file_fingerprint(p))
+                   for name, s in splits.items() for what, paths in (("corpus", s.files), ("refs", s.refs))
+                   for i, p in enumerate(paths)},
     }
     output_dir = Path(output_dir)
-    manifest_path = output_dir / MANIFEST
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("request") == request:
-            old["reused"] = True
-            return old
+    inputs = [(f"{name} {what}", p) for name, s in splits.items() for what, paths in
+              (("corpus file", s.files), ("ref file", s.refs)) for p in paths]
+    inputs.append(("--tokenizer", tokenizer_dir))
+    claim = stages.claim(stages.DATASET, output_dir, request, inputs=inputs, overwrite=overwrite)
+    if claim.state == "done":
+        return claim.record | {"reused": True}
 
     built, stats = {}, {}
     for name, spec in splits.items():
         built[name], stats[name] = _build_split(name, spec, str(tokenizer_dir),
                                                 (tokenizer.cls_token_id, tokenizer.sep_token_id), vocab_id,
                                                 max_seq_length, num_workers, errors, cache_dir)
-    manifest = {"request": request, "splits": stats, "columns": list(COLUMNS),
-                "tokenizer": str(Path(tokenizer_dir).resolve()), "reused": False}
-    with atomic_path(output_dir, is_dir=True) as tmp:
+    extra = {"splits": stats, "columns": list(COLUMNS), "tokenizer": str(Path(tokenizer_dir).resolve())}
+    with atomic_path(output_dir, is_dir=True, replace=True) as tmp:
         DatasetDict(built).save_to_disk(str(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return manifest
+        record = stages.write_record(stages.DATASET, tmp, request, complete=True, **extra)
+    return record | {"reused": False}
+
+
+def dataset_fingerprint(path: str | os.PathLike) -> str:
+    """What a dataset folder is: the settings and input contents it was built from."""
+    record = stages.read_record(stages.DATASET, path)
+    if record is None:
+        raise CorpusError(f"{path} is not a dataset made by pretraining/my_datasets.py (no {MANIFEST})")
+    return stages.settings_fingerprint([record["settings"],
+                                        {k: v["fingerprint"] for k, v in record["inputs"].items()}])
 
 
 def load_pretraining_dataset(path: str | os.PathLike) -> DatasetDict:
     """Load a folder made by :func:`build_pretraining_dataset`, checking it is one."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    record = stages.read_record(stages.DATASET, path)
+    if record is None or not record.get("complete"):
         raise CorpusError(f"{path} is not a dataset made by pretraining/my_datasets.py (no {MANIFEST})")
     ds = datasets.load_from_disk(str(path))
     for name, split in ds.items():

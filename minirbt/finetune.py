@@ -36,6 +36,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from minirbt import stages
+from minirbt.cli import OVERWRITE_HELP, check_device, check_ranges, parse_seeds
 from minirbt.faults import fault_point
 from minirbt.matches import (
     KD_LOSSES,
@@ -45,8 +47,17 @@ from minirbt.matches import (
     needs_attentions,
     resolve_matches,
 )
-from minirbt.modeling import check_model_folder, write_model_files
-from minirbt.tasks import LABELS, SMALL_MODEL_LR, Example, MRCExample, cmrc_score, read_classification, read_squad
+from minirbt.modeling import check_model_folder, load_config, load_error, write_model_files
+from minirbt.tasks import (
+    BAD_ANSWER,
+    LABELS,
+    SMALL_MODEL_LR,
+    Example,
+    MRCExample,
+    cmrc_score,
+    read_classification,
+    read_squad,
+)
 from minirbt.textio import CorpusError, atomic_path
 from minirbt.tokenization import load_tokenizer
 
@@ -90,6 +101,92 @@ class FinetuneArguments:
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
     resume: bool = field(default=False, metadata={
         "help": "Continue from the checkpoints in output_dir/checkpoints (one per seed and epoch)."})
+    max_unusable_share: float = field(default=0.1, metadata={
+        "help": "Refuse a train or dev file when more than this share of its rows is unusable (no gold label, "
+                "bad fields, empty text, answers that do not match); every unusable row is counted either way."})
+    overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
+
+    def __post_init__(self):
+        check_ranges(self, at_least_1=("epochs", "batch_size", "max_seq_length", "max_train_examples",
+                                       "max_eval_examples", "augment_candidates", "doc_stride", "max_answer_length",
+                                       "n_best"),
+                     non_negative=("weight_decay", "kd_weight", "hard_label_weight", "augment"),
+                     positive=("learning_rate", "temperature"), probability=("augment_prob",),
+                     fraction=("warmup_ratio",))
+        if not 0 <= self.max_unusable_share <= 1:
+            raise CorpusError(f"--max_unusable_share must be in [0, 1], got {self.max_unusable_share!r}")
+        self.seed_list = parse_seeds(self.seeds)
+        if self.segmenter not in ("jieba", "ltp"):
+            raise CorpusError(f"--segmenter must be jieba or ltp, got {self.segmenter!r}")
+        if self.max_seq_length < 8:
+            raise CorpusError(f"--max_seq_length must be at least 8, got {self.max_seq_length}")
+
+
+@dataclass
+class MRCArguments(FinetuneArguments):
+    """run_mrc.py: the same flags; windows of 512 tokens by default (MiniRBT's CMRC 2018 setting)."""
+
+    max_seq_length: int = field(default=512, metadata={"help": "Tokens per window (question + context)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.doc_stride >= self.max_seq_length:
+            raise CorpusError(f"--doc_stride {self.doc_stride} must be below --max_seq_length "
+                              f"{self.max_seq_length} (it is the overlap between windows)")
+
+
+# Settings that do not change a fine-tuning run's results: not part of its record (minirbt.stages). Input folders
+# and files enter the record by content.
+NOT_RECORDED = ("model", "train_file", "dev_file", "test_file", "output_dir", "teacher", "augment_mlm", "ltp_model",
+                "device", "resume", "overwrite_output", "max_unusable_share", "seeds")
+# What a fine-tuning run writes into its output_dir (removed when --overwrite_output replaces it).
+RUN_FILES = ("checkpoints", "best", "results.json", "dev_predictions.*", "test_predictions.*", ".*.tmp-*")
+
+
+def claim_output(args: FinetuneArguments, kind: stages.Kind) -> tuple[stages.Claim, dict]:
+    """Claim output_dir (see minirbt.stages): refuse inputs and foreign folders; same settings are done or resume."""
+    settings = {k: v for k, v in asdict(args).items() if k not in NOT_RECORDED}
+    settings["seeds"] = args.seed_list
+    inputs = {}
+    for name in ("model", "teacher", "augment_mlm", "ltp_model"):
+        folder = getattr(args, name)
+        if folder:
+            inputs[name] = stages.input_entry(folder, stages.model_fingerprint(folder) if name != "ltp_model"
+                                              else stages.folder_fingerprint(folder))
+    for name in ("train_file", "dev_file", "test_file"):
+        path = getattr(args, name)
+        if path:
+            inputs[name] = stages.input_entry(path, stages.file_fingerprint(path))
+    request = {"settings": settings, "inputs": inputs}
+    claim = stages.claim(kind, args.output_dir, request, overwrite=args.overwrite_output, resume=args.resume,
+                         inputs=[(f"--{k}", getattr(args, k)) for k in ("model", "teacher", "augment_mlm",
+                                                                        "ltp_model", "train_file", "dev_file",
+                                                                        "test_file")],
+                         has_progress=lambda p: any((p / "checkpoints").glob("seed-*")))
+    out = Path(args.output_dir)
+    if claim.state == "replace":
+        stages.clear_output(kind, out, RUN_FILES)
+    if claim.state != "done":
+        out.mkdir(parents=True, exist_ok=True)
+        stages.write_record(kind, out, request, complete=False)
+    return claim, request
+
+
+def finished_results(args: FinetuneArguments) -> dict:
+    results = json.loads((Path(args.output_dir) / stages.FINETUNE_RESULTS).read_text())
+    print(f"{args.output_dir}: done, skipped (a finished run with the same settings and inputs; "
+          f"--overwrite_output to run it again)", flush=True)
+    return results | {"skipped": True}
+
+
+def check_model_length(args: FinetuneArguments, *folders: str | None) -> None:
+    """--max_seq_length must fit the position embeddings of the model (and teacher)."""
+    for folder in folders:
+        if folder:
+            positions = load_config(Path(folder) / "config.json").max_position_embeddings
+            if args.max_seq_length > positions:
+                raise CorpusError(f"--max_seq_length {args.max_seq_length} is longer than {folder}'s "
+                                  f"max_position_embeddings {positions}")
 
 
 def default_lr(args: FinetuneArguments, config) -> float:
@@ -113,7 +210,7 @@ def _quiet_load(cls, folder: str, **kw):
     try:
         return cls.from_pretrained(folder, **kw)
     except Exception as e:  # noqa: BLE001
-        raise CorpusError(f"cannot load a model from {folder}: {e}") from None
+        raise CorpusError(f"cannot load a model from {folder}: {load_error(e)}") from None
     finally:
         hf_logging.set_verbosity(level)
 
@@ -191,7 +288,7 @@ class SeedCheckpoints:
         return load_file(str(self.done_dir / "best.safetensors"))
 
     def save_epoch(self, epoch: int, model, projections, opt, sched, best: dict, history: list[dict]) -> None:
-        with atomic_path(self.root / f"seed-{self.seed}-epoch-{epoch}", is_dir=True) as tmp:
+        with atomic_path(self.root / f"seed-{self.seed}-epoch-{epoch}", is_dir=True, replace=True) as tmp:
             save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
             save_file(_contiguous(best["state"]), str(tmp / "best.safetensors"))
             fault_point("finetune.checkpoint")
@@ -218,11 +315,23 @@ class SeedCheckpoints:
         return int(state["epoch"]), best, list(state["history"])
 
     def finish(self, record: dict, best_state: dict[str, torch.Tensor]) -> None:
-        with atomic_path(self.done_dir, is_dir=True) as tmp:
+        with atomic_path(self.done_dir, is_dir=True, replace=True) as tmp:
             save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
             (tmp / "record.json").write_text(json.dumps(record, indent=2) + "\n")
         for old in self._epochs():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _kept(output_dir: str | Path) -> str:
+    """What a stopped fine-tuning run leaves behind, truthfully."""
+    root = Path(output_dir) / "checkpoints"
+    done = sorted(p.name.split("-")[1] for p in root.glob("seed-*-done"))
+    epochs = sorted(p.name for p in root.glob("seed-*-epoch-*") if (p / "state.pt").is_file())
+    if not done and not epochs:
+        return "no epoch had finished, nothing was kept: a re-run starts again"
+    kept = ([f"finished seeds {', '.join(done)}"] if done else []) + ([f"checkpoints {', '.join(epochs)}"]
+                                                                         if epochs else [])
+    return f"kept in {root}: {'; '.join(kept)}; re-run with --resume to continue"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -325,16 +434,35 @@ def augment_examples(examples: list[Example], n: int, prob: float, mlm_dir: str,
     return out
 
 
+def _check_common(args: FinetuneArguments) -> None:
+    """Model folders, device and lengths: everything decided before any file is read."""
+    check_device(args.device)
+    check_model_folder(args.model, "model")
+    if args.teacher:
+        check_model_folder(args.teacher, "teacher")
+    check_model_length(args, args.model, args.teacher)
+    if args.augment_mlm:
+        check_model_folder(args.augment_mlm, "--augment_mlm")
+
+
 def run_classification(args: FinetuneArguments) -> dict:
     if args.task not in LABELS:
         raise CorpusError(f"unknown classification task {args.task!r}: one of {', '.join(LABELS)}")
-    check_model_folder(args.model, "model")
-    train_ex, train_rep = read_classification(args.task, args.train_file)
+    _check_common(args)
+    if not args.teacher and (args.augment or args.matches):
+        raise CorpusError("--augment and --matches need --teacher (a fine-tuned teacher folder)")
+    # with a teacher, rows without a gold label still teach (the teacher labels them)
+    train_ex, train_rep = read_classification(args.task, args.train_file, keep_unlabelled=bool(args.teacher))
+    train_rep.check(args.max_unusable_share, "training")
     dev_ex, dev_rep = read_classification(args.task, args.dev_file)
-    if any(e.label is None for e in dev_ex):
-        raise CorpusError(f"{args.dev_file}: dev examples need gold labels")
-    test_ex = read_classification(args.task, args.test_file)[0] if args.test_file else None
-    train_ex, dev_ex, device, autocast, tokenizer = _prepare(args, train_ex, dev_ex, (train_rep, dev_rep))
+    dev_rep.check(args.max_unusable_share, "dev")
+    test_ex, test_rep = read_classification(args.task, args.test_file, keep_unlabelled=True) if args.test_file \
+        else (None, None)
+    claim, _ = claim_output(args, stages.FINETUNE_RUN)
+    if claim.state == "done":
+        return finished_results(args)
+    train_ex, dev_ex, device, autocast, tokenizer = _prepare(args, train_ex, dev_ex,
+                                                             [r for r in (train_rep, dev_rep, test_rep) if r])
     n_labels = len(LABELS[args.task])
     matches = resolve_matches(args.matches)
     attn = "eager" if needs_attentions(matches) else None
@@ -347,8 +475,6 @@ def run_classification(args: FinetuneArguments) -> dict:
         if teacher.config.num_labels != n_labels:
             raise CorpusError(f"teacher {args.teacher} has {teacher.config.num_labels} labels, task {args.task} "
                               f"has {n_labels}: is it fine-tuned on this task?")
-    elif args.augment or matches:
-        raise CorpusError("--augment and --matches need --teacher (a fine-tuned teacher folder)")
     if args.augment:
         from minirbt.segmentation import make_segmenter
 
@@ -366,76 +492,81 @@ def run_classification(args: FinetuneArguments) -> dict:
     test_gold = np.array([e.label for e in test_ex]) if test_ex and all(e.label is not None for e in test_ex) \
         else None
     teacher_dev = _logits(teacher, dev_rows, tokenizer.pad_token_id, 64, device, autocast) if teacher else None
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = args.seed_list
     load_kw = {"num_labels": n_labels, **({"attn_implementation": attn} if attn else {})}
     per_seed = []
     t0 = time.perf_counter()
-    for seed in seeds:
-        ck = SeedCheckpoints(args.output_dir, seed, args.resume)
-        record = ck.finished()
-        if record is not None:
-            print(f"seed {seed}: finished earlier ({ck.done_dir}), dev accuracy {record['accuracy']:.4f}", flush=True)
+    try:
+        for seed in seeds:
+            ck = SeedCheckpoints(args.output_dir, seed, claim.state == "resume")
+            record = ck.finished()
+            if record is not None:
+                print(f"seed {seed}: finished earlier ({ck.done_dir}), dev accuracy {record['accuracy']:.4f}",
+                      flush=True)
+                per_seed.append(record)
+                continue
+            _seed_all(seed)
+            model = _quiet_load(BertForSequenceClassification, args.model, **load_kw).to(device)
+            projections, lr, opt, sched = _training_setup(args, model, teacher, matches, len(train_rows), device)
+            kl_before = _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)) \
+                if teacher is not None else None
+            start, best, history = ck.restore(model, projections, opt, sched) if claim.state == "resume" \
+                else (0, {}, [])
+            best = best or {"accuracy": -1.0}
+            for epoch in range(start, args.epochs):
+                order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+                bar = tqdm(range(0, len(order), args.batch_size), desc=f"seed {seed} epoch {epoch + 1}", leave=False)
+                for i in bar:
+                    b = _pad([train_rows[j] for j in order[i : i + args.batch_size].tolist()], tokenizer.pad_token_id)
+                    b = {k: v.to(device) for k, v in b.items()}
+                    inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+                    with autocast:
+                        out = model(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
+                    labels = b["label"]
+                    has_gold = labels != -100
+                    if teacher is None:
+                        loss = F.cross_entropy(out.logits.float(), labels)
+                    else:
+                        with torch.no_grad(), autocast:
+                            tout = teacher(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
+                        loss = args.kd_weight * _kd(out.logits, tout.logits, args.temperature)
+                        if args.hard_label_weight and has_gold.any():
+                            loss = loss + args.hard_label_weight * F.cross_entropy(out.logits.float()[has_gold],
+                                                                                   labels[has_gold])
+                        for term in match_losses(matches, projections, out.hidden_states, tout.hidden_states,
+                                                 out.attentions, tout.attentions, inputs["attention_mask"]):
+                            loss = loss + term
+                    if not torch.isfinite(loss):
+                        raise CorpusError(f"non-finite loss ({loss.item()}) at seed {seed}, epoch {epoch + 1}, batch "
+                                          f"{i // args.batch_size + 1}: nothing saved for this epoch")
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(projections.parameters()), 1.0)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                logits = _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)
+                acc = float((logits.argmax(-1) == gold).mean())
+                history.append({"epoch": epoch + 1, "accuracy": acc})
+                print(f"seed {seed} epoch {epoch + 1}: dev accuracy {acc:.4f}", flush=True)
+                if acc > best["accuracy"]:
+                    best = {"accuracy": acc, "epoch": epoch + 1, "state": _contiguous(model.state_dict())}
+                ck.save_epoch(epoch + 1, model, projections, opt, sched, best, history)
+            model.load_state_dict(best["state"])
+            record = {"seed": seed, "accuracy": best["accuracy"], "best_epoch": best["epoch"], "history": history,
+                      "learning_rate": lr}
+            if teacher is not None:
+                record["kl_to_teacher"] = {
+                    "before": kl_before,
+                    "after": _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast))}
+            if test_gold is not None:  # a labelled test file: score this seed's best-on-dev model on it
+                test_logits = _logits(model, test_rows, tokenizer.pad_token_id, 64, device, autocast)
+                record["test_accuracy"] = float((test_logits.argmax(-1) == test_gold).mean())
+                print(f"seed {seed}: test accuracy {record['test_accuracy']:.4f} (epoch {best['epoch']})", flush=True)
+            ck.finish(record, best["state"])
             per_seed.append(record)
-            continue
-        _seed_all(seed)
-        model = _quiet_load(BertForSequenceClassification, args.model, **load_kw).to(device)
-        projections, lr, opt, sched = _training_setup(args, model, teacher, matches, len(train_rows), device)
-        kl_before = _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)) \
-            if teacher is not None else None
-        start, best, history = ck.restore(model, projections, opt, sched) if args.resume else (0, {}, [])
-        best = best or {"accuracy": -1.0}
-        for epoch in range(start, args.epochs):
-            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            bar = tqdm(range(0, len(order), args.batch_size), desc=f"seed {seed} epoch {epoch + 1}", leave=False)
-            for i in bar:
-                b = _pad([train_rows[j] for j in order[i : i + args.batch_size].tolist()], tokenizer.pad_token_id)
-                b = {k: v.to(device) for k, v in b.items()}
-                inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
-                with autocast:
-                    out = model(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
-                labels = b["label"]
-                has_gold = labels != -100
-                if teacher is None:
-                    loss = F.cross_entropy(out.logits.float(), labels)
-                else:
-                    with torch.no_grad(), autocast:
-                        tout = teacher(**inputs, output_hidden_states=need_h, output_attentions=bool(attn))
-                    loss = args.kd_weight * _kd(out.logits, tout.logits, args.temperature)
-                    if args.hard_label_weight and has_gold.any():
-                        loss = loss + args.hard_label_weight * F.cross_entropy(out.logits.float()[has_gold],
-                                                                               labels[has_gold])
-                    for term in match_losses(matches, projections, out.hidden_states, tout.hidden_states,
-                                             out.attentions, tout.attentions, inputs["attention_mask"]):
-                        loss = loss + term
-                if not torch.isfinite(loss):
-                    raise CorpusError(f"non-finite loss ({loss.item()}) at seed {seed}, epoch {epoch + 1}, batch "
-                                      f"{i // args.batch_size + 1}: nothing saved for this epoch")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(projections.parameters()), 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            logits = _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast)
-            acc = float((logits.argmax(-1) == gold).mean())
-            history.append({"epoch": epoch + 1, "accuracy": acc})
-            print(f"seed {seed} epoch {epoch + 1}: dev accuracy {acc:.4f}", flush=True)
-            if acc > best["accuracy"]:
-                best = {"accuracy": acc, "epoch": epoch + 1, "state": _contiguous(model.state_dict())}
-            ck.save_epoch(epoch + 1, model, projections, opt, sched, best, history)
-        model.load_state_dict(best["state"])
-        record = {"seed": seed, "accuracy": best["accuracy"], "best_epoch": best["epoch"], "history": history,
-                  "learning_rate": lr}
-        if teacher is not None:
-            record["kl_to_teacher"] = {
-                "before": kl_before,
-                "after": _kl(teacher_dev, _logits(model, dev_rows, tokenizer.pad_token_id, 64, device, autocast))}
-        if test_gold is not None:  # a labelled test file: score this seed's best-on-dev model on it
-            test_logits = _logits(model, test_rows, tokenizer.pad_token_id, 64, device, autocast)
-            record["test_accuracy"] = float((test_logits.argmax(-1) == test_gold).mean())
-            print(f"seed {seed}: test accuracy {record['test_accuracy']:.4f} (epoch {best['epoch']})", flush=True)
-        ck.finish(record, best["state"])
-        per_seed.append(record)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"fine-tuning stopped; {_kept(args.output_dir)}") from None
     # the best seed's best epoch: predictions and the saved model
     best_record = max(per_seed, key=lambda r: r["accuracy"])  # first of equals: seed order
     model = _quiet_load(BertForSequenceClassification, args.model, **load_kw).to(device)
@@ -449,7 +580,8 @@ def run_classification(args: FinetuneArguments) -> dict:
     results = {"task": args.task, "metric": "accuracy", "accuracy": float(np.mean(accs)),
                "std": float(np.std(accs)), "per_seed": per_seed, "best": max(accs), "best_seed": best_overall["seed"],
                "majority_class_accuracy": majority, "train_examples": len(train_ex), "dev_examples": len(dev_ex),
-               "read": {"train": train_rep.summary(), "dev": dev_rep.summary()},
+               "read": {name: rep.as_dict() for name, rep in (("train", train_rep), ("dev", dev_rep),
+                                                               ("test", test_rep)) if rep is not None},
                "seconds": time.perf_counter() - t0, "args": asdict(args)}
     if test_gold is not None:
         test_accs = [r["test_accuracy"] for r in per_seed]
@@ -466,23 +598,24 @@ def run_classification(args: FinetuneArguments) -> dict:
         _write_jsonl(out / "test_predictions.jsonl", [{"id": e.guid, "label": labels[int(p)]}
                                                        for e, p in zip(test_ex, tl.argmax(-1))])
     _save_best(best_overall["model"], args.model, out / "best")
-    _write_json(out / "results.json", results)
+    _write_json(out / stages.FINETUNE_RESULTS, results)
+    stages.mark_complete(stages.FINETUNE_RUN, out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # everything is in best/ and results.json now
     return results
 
 
 def _save_best(model, vocab_from: str, folder: Path) -> None:
-    with atomic_path(folder, is_dir=True) as tmp:
+    with atomic_path(folder, is_dir=True, replace=True) as tmp:
         write_model_files(model, Path(vocab_from) / "vocab.txt", tmp)
 
 
 def _write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=True) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=True) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -534,14 +667,38 @@ def _decode(examples: list[MRCExample], rows: list[dict], starts, ends, n_best: 
     return {ex.qid: best.get(i, (0.0, ""))[1] for i, ex in enumerate(examples)}
 
 
+def _check_windows(tokenizer, examples: list[MRCExample], args: FinetuneArguments) -> None:
+    """Every window holds the whole question, [CLS] + 2 x [SEP] and more context tokens than the overlap."""
+    lengths = tokenizer([e.question for e in examples], add_special_tokens=False)["input_ids"]
+    longest = max(range(len(examples)), key=lambda i: len(lengths[i]))
+    room = args.max_seq_length - len(lengths[longest]) - 3
+    if room <= args.doc_stride:
+        raise CorpusError(f"--max_seq_length {args.max_seq_length} leaves {max(room, 0)} context tokens per window "
+                          f"after the longest question ({len(lengths[longest])} tokens, id "
+                          f"{examples[longest].qid}) and [CLS]/[SEP]/[SEP], not more than --doc_stride "
+                          f"{args.doc_stride}: raise --max_seq_length or lower --doc_stride")
+
+
 def run_mrc(args: FinetuneArguments) -> dict:
     if args.task not in ("cmrc2018", "drcd"):
         raise CorpusError(f"unknown reading-comprehension task {args.task!r}: cmrc2018 or drcd")
     if args.augment:
         raise CorpusError("--augment is for the classification tasks")
-    check_model_folder(args.model, "model")
-    train_ex, train_rep = read_squad(args.train_file)
+    if args.test_file:
+        raise CorpusError("--test_file: run_mrc.py does not score a test file yet; score it as the --dev_file of "
+                          "a second run")
+    _check_common(args)
+    train_ex, train_rep = read_squad(args.train_file, training=True)
+    train_rep.check(args.max_unusable_share, "training")
     dev_ex, dev_rep = read_squad(args.dev_file)
+    dev_rep.check(args.max_unusable_share, "dev")
+    if args.resume:
+        print("note: run_mrc.py keeps no per-epoch checkpoints yet; --resume starts an unfinished run again",
+              flush=True)
+    _check_windows(load_tokenizer(args.model), train_ex + dev_ex, args)
+    claim, _ = claim_output(args, stages.MRC_RUN)
+    if claim.state == "done":
+        return finished_results(args)
     train_ex, dev_ex, device, autocast, tokenizer = _prepare(args, train_ex, dev_ex, (train_rep, dev_rep))
     train_rows = _mrc_features(tokenizer, train_ex, args, train=True)
     dev_rows = _mrc_features(tokenizer, dev_ex, args, train=False)
@@ -610,11 +767,12 @@ def run_mrc(args: FinetuneArguments) -> dict:
                "f1": float(np.mean([r["f1"] for r in per_seed])), "per_seed": per_seed,
                "best": {"em": max(r["em"] for r in per_seed), "f1": max(r["f1"] for r in per_seed)},
                "best_seed": best_overall["seed"], "train_features": len(train_rows), "dev_questions": len(dev_ex),
-               "skipped_bad_answers": len(train_rep.skipped_bad),
-               "read": {"train": train_rep.summary(), "dev": dev_rep.summary()},
+               "skipped_bad_answers": train_rep.unusable.get(BAD_ANSWER, 0),
+               "read": {"train": train_rep.as_dict(), "dev": dev_rep.as_dict()},
                "seconds": time.perf_counter() - t0, "args": asdict(args)}
     _write_json(out / "dev_predictions.json", best_overall["preds"])
     _save_best(best_overall["model"], args.model, out / "best")
-    _write_json(out / "results.json", results)
+    _write_json(out / stages.FINETUNE_RESULTS, results)
+    stages.mark_complete(stages.MRC_RUN, out)
     return results
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -172,8 +173,22 @@ def resolve_matches(specs: list[str] | None) -> list[dict]:
             raise CorpusError(f"match {i}: unknown loss {m['loss']!r} (one of {', '.join(MATCH_LOSSES)})")
         if m["feature"] == "attention" and m["loss"] not in {k for k in MATCH_LOSSES if k.startswith("attention")}:
             raise CorpusError(f"match {i}: attention features need an attention_* loss")
-        m.setdefault("weight", 1)
+        for side in ("layer_T", "layer_S"):
+            v = m[side]
+            if not (_is_index(v) or (isinstance(v, list) and v and all(_is_index(x) for x in v))):
+                raise CorpusError(f"match {i}: {side} must be a layer index or a list of them, got {v!r}")
+        w = m.setdefault("weight", 1)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise CorpusError(f"match {i}: weight must be a finite number >= 0, got {w!r}")
+        proj = m.get("proj")
+        if proj is not None and not (isinstance(proj, list) and len(proj) == 3 and proj[0] in PROJECTIONS
+                                     and all(_is_index(x) and x > 0 for x in proj[1:])):
+            raise CorpusError(f"match {i}: proj must be [linear|relu|tanh, dim_S, dim_T], got {proj!r}")
     return matches
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def needs_attentions(matches: list[dict]) -> bool:

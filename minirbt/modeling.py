@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -85,16 +86,37 @@ def load_mlm(folder: str | os.PathLike, what: str = "teacher", attn_implementati
     try:
         model = BertForMaskedLM.from_pretrained(str(folder), **kwargs)
     except Exception as e:  # noqa: BLE001 - safetensors/torch/json raise many kinds; the user needs the file
-        raise CorpusError(f"cannot load {what} from {folder}: {e}") from None
+        raise CorpusError(f"cannot load {what} from {folder}: {load_error(e)}") from None
     return model
 
 
-def save_model_folder(model: BertForMaskedLM, vocab_from: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a complete model folder atomically (weights, config, vocab, tokenizer config)."""
+_UNSAFE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def load_error(e: BaseException) -> str:
+    """One line saying why weights did not load. torch's refusal of an unsafe pickle goes on to suggest
+    ``weights_only=False``, i.e. running the file's code: never repeat that advice."""
+    text = str(e)
+    if "weights_only" in text or "Weights only load failed" in text:
+        hit = _UNSAFE.search(text)
+        what = f"it would call {hit.group(1)}" if hit else "it holds objects other than tensors"
+        return (f"the file is not a plain tensor checkpoint ({what}); minirbt loads weights only as tensors "
+                "(safetensors, or torch.load with weights_only=True) and never runs code from a model file")
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def save_model_folder(model: BertForMaskedLM, vocab_from: str | os.PathLike, out: str | os.PathLike,
+                      replace: bool = False, request: dict | None = None) -> Path:
+    """Write a complete model folder atomically (weights, config, vocab, tokenizer config); with ``request``,
+    also its record (:mod:`minirbt.stages`: the settings and inputs it was made from)."""
+    from minirbt import stages
+
     vocab_from = Path(vocab_from)
     vocab = vocab_from / VOCAB_NAME if vocab_from.is_dir() else vocab_from
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, replace=replace) as tmp:
         write_model_files(model, vocab, tmp)
+        if request is not None:
+            stages.write_record(stages.MODEL, tmp, request, complete=True)
     return Path(out)
 
 
@@ -172,8 +194,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError for unsafe globals, others for corrupt files
-        raise CorpusError(f"{path}: not a plain tensor state dict (refused by torch.load(weights_only=True): "
-                          f"{str(e).splitlines()[0]})") from None
+        raise CorpusError(f"{path}: not a plain tensor state dict: {load_error(e)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from minirbt import stages
 from minirbt.textio import CorpusError, atomic_path, iter_lines, list_corpus_files
 from minirbt.trainer import SUMMARY_NAME as DONE
 
@@ -149,18 +150,9 @@ def script(path: str, *args, launcher: list[str] | None = None) -> None:
                           f"stages are skipped, an interrupted distillation resumes from its last checkpoint")
 
 
-def model_done(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def trained(folder: Path) -> bool:
-    """A training run that finished (its summary and final weights are at the top of the folder)."""
-    return (folder / DONE).is_file() and model_done(folder)
-
-
 def write_config(path: Path, config: dict) -> Path:
     if not path.is_file():
-        with atomic_path(path) as tmp:
+        with atomic_path(path, replace=True) as tmp:
             tmp.write_text(json.dumps(config, indent=2) + "\n")
     return path
 
@@ -177,20 +169,25 @@ def hidden_matches(layers_t: int, layers_s: int, hidden_t: int, hidden_s: int) -
     return out
 
 
-def check_settings(out: Path, s: Settings, segmenter: str, teacher: str | None, corpus: str | None) -> None:
-    """Completed stages are reused only by a run with the same settings: record them, refuse a mismatch."""
-    wanted = {"settings": asdict(s), "segmenter": segmenter, "teacher": teacher, "corpus": corpus}
-    path = out / "pipeline_settings.json"
-    if path.is_file():
-        found = json.loads(path.read_text())
-        if found != json.loads(json.dumps(wanted)):
-            diff = sorted(k for k in wanted["settings"] if found.get("settings", {}).get(k) != wanted["settings"][k])
-            diff += [k for k in ("segmenter", "teacher", "corpus") if found.get(k) != wanted[k]]
-            raise CorpusError(f"{out} holds a run with other settings (differ: {', '.join(diff)}); its completed "
-                              f"stages would be reused. Use another --output_dir, or delete this one.")
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(wanted, indent=2) + "\n")
+def claim_run(out: Path, s: Settings, segmenter: str, teacher: str | None, corpus: str | None) -> stages.Claim:
+    """The demo's output folder (minirbt.stages): a run of other settings or inputs, or a folder of anything else,
+    is refused; the same settings resume (each stage skips what is done) or, once complete, are done."""
+    inputs = {}
+    if teacher is not None:
+        inputs["teacher"] = stages.input_entry(teacher, stages.model_fingerprint(teacher))
+    if corpus is not None:
+        c = Path(corpus)
+        if not c.exists():
+            raise CorpusError(f"--corpus not found: {c}")
+        inputs["corpus"] = stages.input_entry(c, stages.folder_fingerprint(c) if c.is_dir()
+                                              else stages.file_fingerprint(c))
+    request = {"settings": {"settings": asdict(s), "segmenter": segmenter}, "inputs": inputs}
+    claim = stages.claim(stages.DEMO_RUN, out, request, resume=True,
+                         inputs=[("--teacher", teacher), ("--corpus", corpus)])
+    if claim.state != "done":
+        out.mkdir(parents=True, exist_ok=True)
+        stages.write_record(stages.DEMO_RUN, out, request, complete=False)
+    return claim
 
 
 def config_dict(config: str | dict | Path) -> dict:
@@ -203,14 +200,14 @@ def config_dict(config: str | dict | Path) -> dict:
 
 # ------------------------------------------------------------------ the stages
 def write_lines(path: Path, lines: list[str]) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=True) as tmp:
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def write_sentiment(path: Path, rows: list[tuple[str, int]]) -> None:
     """ChnSentiCorp's TSV layout (label<TAB>text_a); tabs and newlines inside a review become spaces."""
     body = "".join(f"{label}\t{' '.join(text.split())}\n" for text, label in rows)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=True) as tmp:
         tmp.write_text("label\ttext_a\n" + body, encoding="utf-8")
 
 
@@ -242,7 +239,7 @@ def stage_corpus(out: Path, s: Settings, corpus: str | None) -> dict:
         write_sentiment(out / "sentiment" / f"{name}.tsv", rows)
     report |= {"pretrain_train_lines": len(train), "pretrain_dev_lines": len(dev),
                **{f"sentiment_{k}": len(v) for k, v in split.sentiment.items()}}
-    with atomic_path(report_path) as tmp:
+    with atomic_path(report_path, replace=True) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -256,10 +253,7 @@ class Model:
 def distill(out: Path, teacher: Path | None, student: tuple[str, str], dataset: Path, vocab: Path,
             s: Settings, matches: list[dict] | None, steps: int, lr: float, batch: int, accumulation: int,
             warmup: float = 0.1, launcher: list[str] | None = None) -> None:
-    """One pretraining/train.py run (resumable); skipped when its output is complete."""
-    if trained(out):
-        print(f"{out}: done, skipped")
-        return
+    """One pretraining/train.py run: resumed when interrupted, skipped by train.py itself when complete."""
     args = ["--dataset", dataset, "--output_dir", out, student[0], student[1], "--max_steps", steps,
             "--batch_size", batch, "--gradient_accumulation_steps", accumulation, "--learning_rate", lr,
             "--warmup_ratio", warmup, "--eval_steps", s.eval_steps, "--eval_batches", 20,
@@ -280,18 +274,15 @@ def finetune(model_dir: Path, out: Path, s: Settings, sentiment: Path) -> dict:
     """Fine-tune and score one model on the held-out sentiment set (several seeds; with ``s.ft_learning_rates``, at
     each rate, keeping the rate with the best mean dev accuracy); skipped when done."""
     results = out / "results.json"
-    if results.is_file():
-        print(f"{out}: done, skipped")
-        return json.loads(results.read_text())
 
     def run_one(folder: Path, lr: float | None) -> dict:
-        if not (folder / "results.json").is_file():
-            script("finetuning/run_classification.py", "--task", TASK, "--model", model_dir,
+        """run_classification.py skips a finished run itself (same settings and inputs)."""
+        script("finetuning/run_classification.py", "--task", TASK, "--model", model_dir,
                    "--train_file", sentiment / "train.tsv", "--dev_file", sentiment / "dev.tsv",
-                   "--test_file", sentiment / "test.tsv", "--output_dir", folder, "--epochs", s.ft_epochs,
-                   "--batch_size", s.ft_batch, "--max_seq_length", s.ft_max_seq_length, "--seeds", s.ft_seeds,
-                   "--resume", *(["--learning_rate", lr] if lr is not None else []),
-                   *(["--bf16"] if s.bf16 else []))
+               "--test_file", sentiment / "test.tsv", "--output_dir", folder, "--epochs", s.ft_epochs,
+               "--batch_size", s.ft_batch, "--max_seq_length", s.ft_max_seq_length, "--seeds", s.ft_seeds,
+               "--resume", *(["--learning_rate", lr] if lr is not None else []),
+               *(["--bf16"] if s.bf16 else []))
         return json.loads((folder / "results.json").read_text())
 
     if not s.ft_learning_rates:
@@ -303,7 +294,7 @@ def finetune(model_dir: Path, out: Path, s: Settings, sentiment: Path) -> dict:
                                                "test_accuracy": r["test_accuracy"]} for x, r in tried]}
     print(f"{model_dir.name}: learning rate {lr:g} (dev " + ", ".join(
         f"{x:g}: {100 * r['accuracy']:.2f}%" for x, r in tried) + ")", flush=True)
-    with atomic_path(results) as tmp:
+    with atomic_path(results, replace=True) as tmp:
         tmp.write_text(json.dumps(chosen, indent=2) + "\n")
     return chosen
 
@@ -325,8 +316,9 @@ def run(out: Path, s: Settings, segmenter: str = "jieba", teacher: str | None = 
 
     t0 = time.perf_counter()
     _STAGE_STARTS.clear()
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, s, segmenter, teacher, corpus)
+    if claim_run(out, s, segmenter, teacher, corpus).state == "done":
+        print(f"{out}: done (a finished run with the same settings and inputs); its results:")
+        return json.loads((out / "results.json").read_text())
     models = out / "models"
     launcher = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else None
 
@@ -345,20 +337,15 @@ def run(out: Path, s: Settings, segmenter: str = "jieba", teacher: str | None = 
     seg_args = ["--segmenter", segmenter]
     if segmenter == "ltp":
         ltp_dir = out / "ltp_cws"
-        if not (ltp_dir / "config.json").is_file():
-            header("0b. training the LTP perceptron segmenter locally")
-            script("scripts/train_ltp_cws.py", "--output", ltp_dir, "--epochs", 1 if s.name == "quick" else 3)
+        header("0b. the LTP perceptron segmenter, trained locally")
+        script("scripts/train_ltp_cws.py", "--output", ltp_dir, "--epochs", 1 if s.name == "quick" else 3)
         seg_args += ["--ltp_model", ltp_dir]
 
     header(f"1. whole-word-mask refs ({segmenter})")
     refs = out / f"refs_{segmenter}"
-    for part in ("train", "dev"):
-        ref = refs / f"{part}_ref.txt"
-        if ref.is_file():
-            print(f"{ref}: done, skipped")
-        else:
-            script("pretraining/run_chinese_ref.py", "--input", out / "corpus" / f"{part}.txt", "--output", ref,
-                   "--tokenizer", vocab, *seg_args)
+    for part in ("train", "dev"):  # run_chinese_ref.py skips refs that are up to date
+        script("pretraining/run_chinese_ref.py", "--input", out / "corpus" / f"{part}.txt", "--output",
+               refs / f"{part}_ref.txt", "--tokenizer", vocab, *seg_args)
 
     header("2. chunked Arrow dataset")
     dataset = out / f"dataset_{segmenter}_{s.max_seq_length}"
@@ -376,11 +363,14 @@ def run(out: Path, s: Settings, segmenter: str = "jieba", teacher: str | None = 
         distill(teacher_dir, None, ("--student_config", str(t_cfg)), dataset, vocab, s, None, s.teacher_steps,
                 s.teacher_lr, s.teacher_batch, 1, s.teacher_warmup, launcher)
         random_dir = models / "teacher_random"
-        if not model_done(random_dir):
+        request = {"settings": {"config": load_config(t_cfg).to_diff_dict(), "init_seed": 0},
+                   "inputs": {"vocab": stages.input_entry(vocab / "vocab.txt",
+                                                          stages.file_fingerprint(vocab / "vocab.txt"))}}
+        if stages.claim(stages.MODEL, random_dir, request).state != "done":
             torch.manual_seed(0)
             from transformers import BertForMaskedLM
 
-            save_model_folder(BertForMaskedLM(load_config(t_cfg)), vocab, random_dir)
+            save_model_folder(BertForMaskedLM(load_config(t_cfg)), vocab, random_dir, replace=True, request=request)
         roster += [Model("teacher", "Teacher stand-in (pretrained here)"),
                    Model("teacher_random", "Teacher shape, random init")]
     else:
@@ -391,11 +381,8 @@ def run(out: Path, s: Settings, segmenter: str = "jieba", teacher: str | None = 
     header("4. teacher assistant: initialised from the teacher's layers (stage 3)")
     ta_cfg = write_config(configs / "ta.json", config_dict(s.ta_config))
     ta_conf = load_config(ta_cfg)
-    if model_done(models / "ta_init"):
-        print(f"{models / 'ta_init'}: done, skipped")
-    else:
-        script("scripts/init_checkpoint_TA.py", "--teacher", teacher_dir, "--student_config", ta_cfg,
-               "--layer_map", "uniform", "--output", models / "ta_init")
+    script("scripts/init_checkpoint_TA.py", "--teacher", teacher_dir, "--student_config", ta_cfg,
+           "--layer_map", "uniform", "--output", models / "ta_init")  # skipped by the script when up to date
 
     def matches(src, dst) -> list[dict]:
         return hidden_matches(src.num_hidden_layers, dst.num_hidden_layers, src.hidden_size, dst.hidden_size)
@@ -468,6 +455,7 @@ def run(out: Path, s: Settings, segmenter: str = "jieba", teacher: str | None = 
     results["seconds"] = end - t0
     results["stage_seconds"] = stage_seconds(end)
     write_results(out, results)
+    stages.mark_complete(stages.DEMO_RUN, out)
     for w in results["warnings"]:
         banner = "!" * 78
         print(f"\n{banner}\nWARNING: {w}\n{banner}\n", flush=True)

@@ -325,7 +325,7 @@ class RefWriter:
         written = segmented = 0
         bar = tqdm(total=total, unit=" lines", desc=f"refs {input_path.name}", disable=not self.progress,
                    dynamic_ncols=True, smoothing=0.1)
-        with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        with atomic_path(output_path, replace=True) as tmp, open(tmp, "w", encoding="utf-8") as out:
             blocks = _blocks(input_path, self.block_lines, self.errors, total, max(1, self.num_workers))
             if self._pool is None:
                 assert self._builder is not None, "use RefWriter as a context manager"
@@ -389,6 +389,20 @@ def write_ref_file(spec: RefSpec | RefBuilder, input_path: str | os.PathLike, ou
     """One file, start to end (see :class:`RefWriter`)."""
     with RefWriter(spec, num_workers, block_lines, errors, progress) as writer:
         return writer.write(input_path, output_path)
+
+
+def ref_request(spec: RefSpec, errors: str, corpus_files: list[Path]) -> dict:
+    """What determines a ref file (see :mod:`minirbt.stages`): the vocab, the segmenter and its model or
+    dictionary, the reading of invalid UTF-8, and the corpus files' contents."""
+    from minirbt import stages
+    from minirbt.tokenization import vocab_fingerprint
+
+    settings = {"vocab": vocab_fingerprint(load_tokenizer(spec.tokenizer)), "segmenter": spec.segmenter,
+                "encoding_errors": errors,
+                "ltp_model": stages.folder_fingerprint(spec.ltp_model) if spec.ltp_model else None,
+                "user_dict": stages.file_fingerprint(spec.user_dict) if spec.user_dict else None}
+    inputs = {f"corpus {f.name}": stages.input_entry(f, stages.file_fingerprint(f)) for f in corpus_files}
+    return {"settings": settings, "inputs": inputs}
 
 
 def ref_name(corpus_file: Path) -> str:

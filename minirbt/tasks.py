@@ -39,20 +39,54 @@ class Example:
     guid: str = ""
 
 
+# Unusable rows: the readers' reasons (counted, reported, never dropped in silence).
+NO_LABEL = "no gold label"
+BAD_FIELDS = "wrong number of fields"
+EMPTY_TEXT = "empty text"
+BAD_ANSWER = "answer_start does not point at the answer"
+NO_ANSWER = "no answer"
+
+
 @dataclass
 class ReadReport:
+    """What a reader made of a file: records read, usable ones, and the unusable ones by reason."""
+
     path: str
-    rows: int = 0
-    skipped_unlabelled: int = 0
-    skipped_bad: list[str] = field(default_factory=list)
+    records: int = 0
+    usable: int = 0
+    unusable: dict[str, int] = field(default_factory=dict)
+    first: dict[str, str] = field(default_factory=dict)  # reason -> where it first happened
+
+    def skip(self, reason: str, where: str) -> None:
+        self.unusable[reason] = self.unusable.get(reason, 0) + 1
+        self.first.setdefault(reason, where)
+
+    @property
+    def rows(self) -> int:  # usable rows (the examples returned)
+        return self.usable
 
     def summary(self) -> str:
-        s = f"{self.path}: {self.rows} examples"
-        if self.skipped_unlabelled:
-            s += f", {self.skipped_unlabelled} rows without a gold label skipped"
-        if self.skipped_bad:
-            s += f", {len(self.skipped_bad)} bad rows skipped (first: {self.skipped_bad[0]})"
+        s = f"{self.path}: {self.usable} usable examples of {self.records}"
+        if self.unusable:
+            s += "; unusable: " + ", ".join(f"{n} {reason} (first: {self.first[reason]})"
+                                             for reason, n in self.unusable.items())
         return s
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "records": self.records, "usable": self.usable, "unusable": dict(self.unusable),
+                "first_unusable": dict(self.first)}
+
+    def check(self, max_share: float, what: str, flag: str = "--max_unusable_share") -> None:
+        """Refuse a file with no usable rows, or with more than ``max_share`` of its rows unusable."""
+        if not self.usable:
+            raise CorpusError(f"{self.path}: no usable {what} examples ({self.summary().split(': ', 1)[1]})")
+        share = (self.records - self.usable) / max(self.records, 1)
+        if share > max_share:
+            reasons = ", ".join(f"{n} {r}" for r, n in self.unusable.items())
+            raise CorpusError(f"{self.path}: {self.records - self.usable} of {self.records} {what} rows "
+                              f"({100 * share:.0f}%) are unusable ({reasons}; first: {next(iter(self.first.values()))}"
+                              f"), more than {flag} {max_share:g}: fix the file, or raise {flag} to use the "
+                              f"{self.usable} usable rows")
 
 
 def _label(task: str, raw, where: str) -> int | None:
@@ -75,28 +109,35 @@ def _json_lines(path: Path) -> Iterable[tuple[int, dict]]:
                     raise CorpusError(f"{path}:{n}: not a JSON line ({e})") from None
 
 
-def read_classification(task: str, path: str | Path) -> tuple[list[Example], ReadReport]:
+def read_classification(task: str, path: str | Path, keep_unlabelled: bool = False
+                        ) -> tuple[list[Example], ReadReport]:
+    """The examples of a task file and what was made of it. Rows without a gold label (OCNLI's ``-``, an empty
+    or missing label) are counted as unusable, or kept with ``label=None`` when ``keep_unlabelled`` (a test
+    file, or training data a teacher will label)."""
     if task not in LABELS:
         raise CorpusError(f"unknown task {task!r}: one of {', '.join(LABELS)}")
     path = require_file(path, f"{task} data file")
     report = ReadReport(str(path))
     out: list[Example] = []
-    if task in ("ocnli", "afqmc"):
+
+    def add(text_a: str, text_b: str | None, raw_label, where: str, guid: str) -> None:
+        report.records += 1
+        if not text_a.strip() or (text_b is not None and not text_b.strip()):
+            report.skip(EMPTY_TEXT, where)
+            return
+        label = None if raw_label == "-" else _label(task, raw_label, f"{path}:{where.removeprefix('line ')}")
+        if label is None and not keep_unlabelled:
+            report.skip(NO_LABEL, where)
+            return
+        out.append(Example(text_a, text_b, label, guid))
+
+    if task in ("ocnli", "afqmc", "tnews"):
         for n, row in _json_lines(path):
-            if "sentence1" not in row or "sentence2" not in row:
-                raise CorpusError(f"{path}:{n}: expected sentence1 and sentence2 fields")
+            fields = ("sentence",) if task == "tnews" else ("sentence1", "sentence2")
+            if not all(isinstance(row.get(k), str) for k in fields):
+                raise CorpusError(f"{path}:{n}: expected text fields {' and '.join(fields)}")
             raw = row.get("label", row.get("gold_label"))
-            if raw == "-":
-                report.skipped_unlabelled += 1
-                continue
-            out.append(Example(row["sentence1"], row["sentence2"], _label(task, raw, f"{path}:{n}"),
-                               str(row.get("id", n))))
-    elif task == "tnews":
-        for n, row in _json_lines(path):
-            if "sentence" not in row:
-                raise CorpusError(f"{path}:{n}: expected a sentence field")
-            out.append(Example(row["sentence"], None, _label(task, row.get("label"), f"{path}:{n}"),
-                               str(row.get("id", n))))
+            add(row[fields[0]], row[fields[1]] if len(fields) > 1 else None, raw, f"line {n}", str(row.get("id", n)))
     elif task in ("lcqmc", "bq"):
         with open(path, encoding="utf-8", newline="") as f:
             for n, line in enumerate(f, start=1):
@@ -106,10 +147,10 @@ def read_classification(task: str, path: str | Path) -> tuple[list[Example], Rea
                 if not line.strip():
                     continue
                 if len(parts) not in (2, 3):
-                    report.skipped_bad.append(f"line {n}: {len(parts)} tab-separated fields")
+                    report.records += 1
+                    report.skip(BAD_FIELDS, f"line {n}: {len(parts)} tab-separated fields")
                     continue
-                label = _label(task, parts[2], f"{path}:{n}") if len(parts) == 3 else None
-                out.append(Example(parts[0], parts[1], label, str(n)))
+                add(parts[0], parts[1], parts[2] if len(parts) == 3 else None, f"line {n}", str(n))
     else:  # chnsenticorp: CSV "label,review" (quoted fields may hold commas and newlines) or TSV "label\ttext_a"
         with open(path, encoding="utf-8", newline="") as f:
             head = f.readline()
@@ -128,16 +169,13 @@ def read_classification(task: str, path: str | Path) -> tuple[list[Example], Rea
                 if not row:
                     continue
                 if len(row) != len(cols):
-                    report.skipped_bad.append(f"record {n}: {len(row)} fields for {len(cols)} columns")
+                    report.records += 1
+                    report.skip(BAD_FIELDS, f"record {n}: {len(row)} fields for {len(cols)} columns")
                     continue
-                text = row[text_col]
-                if not text.strip():
-                    report.skipped_bad.append(f"record {n}: empty review")
-                    continue
-                out.append(Example(text, None, _label(task, row[li], f"{path}:{n}"), str(n)))
-    report.rows = len(out)
-    if not out:
-        raise CorpusError(f"{path}: no examples read for task {task}")
+                add(row[text_col], None, row[li], f"record {n}", str(n))
+    report.usable = len(out)
+    if not report.records:
+        raise CorpusError(f"{path}: no rows found for task {task}")
     return out, report
 
 
@@ -151,33 +189,41 @@ class MRCExample:
     answer_start: int | None  # of the first answer, None when it does not match the context
 
 
-def read_squad(path: str | Path) -> tuple[list[MRCExample], ReadReport]:
+def read_squad(path: str | Path, training: bool = False) -> tuple[list[MRCExample], ReadReport]:
+    """SQuAD v1-style questions. Unusable and counted: a question without an answer; for ``training``, also one
+    whose first answer's ``answer_start`` does not point at its text (there is no span to learn)."""
     path = require_file(path, "reading-comprehension data file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CorpusError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or "data" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise CorpusError(f"{path}: expected SQuAD-style JSON with a top-level 'data' list")
     report = ReadReport(str(path))
     out: list[MRCExample] = []
-    for doc in data["data"]:
-        for para in doc.get("paragraphs", []):
+    for d, doc in enumerate(data["data"]):
+        for p, para in enumerate(doc.get("paragraphs", []) if isinstance(doc, dict) else []):
+            if not isinstance(para, dict) or not isinstance(para.get("context"), str):
+                raise CorpusError(f"{path}: data[{d}].paragraphs[{p}] has no context string")
             context = para["context"]
-            for qa in para.get("qas", []):
-                answers = [a["text"] for a in qa.get("answers", [])]
-                start = None
-                if qa.get("answers"):
-                    first = qa["answers"][0]
-                    s = first.get("answer_start")
-                    if isinstance(s, int) and context[s : s + len(first["text"])] == first["text"]:
-                        start = s
-                    else:
-                        report.skipped_bad.append(f"{qa['id']}: answer_start {s} does not point at "
-                                                  f"{first['text']!r}")
+            for q, qa in enumerate(para.get("qas", [])):
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or "id" not in qa:
+                    raise CorpusError(f"{path}: data[{d}].paragraphs[{p}].qas[{q}] lacks a question or an id")
+                report.records += 1
+                answers = [a.get("text") for a in qa.get("answers", []) if isinstance(a, dict)]
+                answers = [a for a in answers if isinstance(a, str) and a.strip()]
+                if not answers:
+                    report.skip(NO_ANSWER, str(qa["id"]))
+                    continue
+                first = qa["answers"][0]
+                s = first.get("answer_start")
+                start = s if isinstance(s, int) and context[s : s + len(first["text"])] == first["text"] else None
+                if start is None and training:
+                    report.skip(BAD_ANSWER, f"{qa['id']}: answer_start {s} for {first['text']!r}")
+                    continue
                 out.append(MRCExample(str(qa["id"]), qa["question"], context, answers, start))
-    report.rows = len(out)
-    if not out:
+    report.usable = len(out)
+    if not report.records:
         raise CorpusError(f"{path}: no questions found")
     return out, report
 

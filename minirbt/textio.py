@@ -104,14 +104,25 @@ def list_corpus_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, is_dir: bool = False, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; move it into place only on success.
 
     A killed or failing run leaves at most a ``.tmp-*`` name behind, never
-    something that looks like a finished output.
+    something that looks like a finished output. An existing ``final`` is replaced
+    only with ``replace=True`` (callers claim their output first, see
+    :mod:`minirbt.stages`). The result gets the permissions of a file or folder
+    created normally (the umask), not the private ones of a temporary name.
     """
     final = Path(final)
+    if not replace and (final.exists() or final.is_symlink()):
+        raise CorpusError(f"{final} exists: refusing to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -121,8 +132,10 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
         tmp = Path(name)
     try:
         yield tmp
+        mask = _umask()
         if is_dir:
             _fsync_tree(tmp)
+            os.chmod(tmp, 0o777 & ~mask)
             old = None
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -133,7 +146,7 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
         else:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, 0o666 & ~mask)
             os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:

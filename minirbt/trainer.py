@@ -40,8 +40,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
 
+from minirbt import stages
+from minirbt.cli import OVERWRITE_HELP, check_device, check_ranges
 from minirbt.collator import ChineseWWMCollator
-from minirbt.data import MANIFEST, load_pretraining_dataset
+from minirbt.data import MANIFEST, dataset_fingerprint, load_pretraining_dataset
 from minirbt.faults import fault_point
 from minirbt.matches import (
     KD_LOSSES,
@@ -56,7 +58,19 @@ from minirbt.textio import CorpusError, atomic_path
 from minirbt.tokenization import load_tokenizer, vocab_fingerprint
 
 STATE_NAME = "training_state.pt"
-SUMMARY_NAME = "minirbt_training.json"
+SUMMARY_NAME = stages.TRAINING_SUMMARY
+# What a training run writes into its output_dir (removed when --overwrite_output replaces the run).
+RUN_FILES = ("checkpoint-*", ".checkpoint-*", ".final-*", "runs", SUMMARY_NAME, "config.json", "model.safetensors",
+             "vocab.txt", "tokenizer_config.json")
+
+
+# Settings of a training run that --accept_changed may let a resumed run continue under.
+RESUME_CHANGEABLE = ("max_steps",)
+# Settings that do not change the trained weights: never part of the run's record.
+NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "save_steps",
+                "save_total_limit", "eval_steps", "eval_batches", "logging_steps", "on_nonfinite",
+                "max_skipped_steps", "resume", "device", "overwrite_output", "accept_changed",
+                "gradient_accumulation_steps")
 
 
 @dataclass
@@ -99,6 +113,20 @@ class DistillArguments:
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
     seed: int = field(default=42, metadata={"help": "Seed of data order, masks, dropout and init."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
+    overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
+    accept_changed: list[str] = field(default_factory=list, metadata={
+        "nargs": "*", "help": f"With --resume: settings allowed to differ from the run's record "
+                              f"({', '.join(RESUME_CHANGEABLE)}; e.g. to continue a run to more steps)."})
+
+    def __post_init__(self):
+        check_ranges(self, at_least_1=("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps",
+                                       "eval_batches", "logging_steps"),
+                     non_negative=("kd_weight", "mlm_weight", "weight_decay", "eval_steps", "save_total_limit",
+                                   "max_skipped_steps", "seed"),
+                     positive=("temperature", "learning_rate", "max_grad_norm"),
+                     probability=("mlm_probability",), fraction=("warmup_ratio",))
+
+
 
 
 # ------------------------------------------------------------------ distributed
@@ -213,7 +241,7 @@ def checkpoints(output_dir: Path) -> list[Path]:
 def save_checkpoint(output_dir: Path, step: int, student: Student, optimizer, scheduler, vocab_file: Path,
                     args: DistillArguments, limit: int, logs: dict | None = None) -> Path:
     final = output_dir / f"checkpoint-{step:07d}"
-    with atomic_path(final, is_dir=True) as tmp:
+    with atomic_path(final, is_dir=True, replace=True) as tmp:
         write_model_files(student.model, vocab_file, tmp)
         fault_point("checkpoint.model")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -223,6 +251,15 @@ def save_checkpoint(output_dir: Path, step: int, student: Student, optimizer, sc
     for old in checkpoints(output_dir)[:-limit] if limit > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _kept(out: Path) -> str:
+    """What a stopped run leaves behind, truthfully."""
+    found = checkpoints(out)
+    if not found:
+        return f"no checkpoint was written yet in {out}: a re-run starts from step 0"
+    step = int(found[-1].name.split("-")[1])
+    return f"the newest checkpoint, {found[-1]} (step {step}), is kept: re-run with --resume to continue from it"
 
 
 # ------------------------------------------------------------------ evaluation
@@ -290,20 +327,67 @@ def _check_inputs(args: DistillArguments) -> None:
         raise CorpusError("every loss weight is 0: set --kd_weight, --mlm_weight or --matches")
     if args.kd_loss not in KD_LOSSES:
         raise CorpusError(f"--kd_loss must be one of {', '.join(KD_LOSSES)}")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise CorpusError(f"--{name} must be at least 1")
-    if args.temperature <= 0:
-        raise CorpusError("--temperature must be positive")
+    check_device(args.device)
     if args.on_nonfinite not in ("stop", "skip"):
         raise CorpusError(f"--on_nonfinite must be stop or skip, not {args.on_nonfinite!r}")
     if not (Path(args.dataset) / MANIFEST).is_file():
         raise CorpusError(f"--dataset {args.dataset} is not a dataset made by pretraining/my_datasets.py")
+    if args.student_init:
+        check_model_folder(args.student_init, "--student_init")
+    if args.tokenizer is not None and not (Path(args.tokenizer) / "vocab.txt").is_file():
+        raise CorpusError(f"--tokenizer {args.tokenizer} has no vocab.txt")
+
+
+def run_request(args: DistillArguments, world: int, matches: list[dict]) -> dict:
+    """The settings and input contents that determine a training run's weights (its record, minirbt.stages)."""
+    settings = {k: v for k, v in asdict(args).items() if k not in NOT_RECORDED}
+    settings["micro_batches_per_step"] = args.gradient_accumulation_steps * world  # 1 x A=2 equals 2 x A=1
+    settings["matches"] = matches
+    settings["student_config"] = load_config(args.student_config).to_diff_dict() if args.student_config else None
+    settings["vocab"] = stages.file_fingerprint(Path(args.tokenizer or args.teacher or args.student_init)
+                                                / "vocab.txt")
+    inputs = {"dataset": stages.input_entry(args.dataset, dataset_fingerprint(args.dataset))}
+    for name in ("teacher", "student_init"):
+        folder = getattr(args, name)
+        if folder:
+            inputs[name] = stages.input_entry(folder, stages.model_fingerprint(folder))
+    return {"settings": settings, "inputs": inputs}
+
+
+def claim_run(args: DistillArguments, d: Dist, matches: list[dict]) -> stages.Claim:
+    """Claim output_dir for this run (refusing inputs, foreign folders and other settings) and, on rank 0,
+    record the request; a replaced run's files are removed first."""
+    request = run_request(args, d.world, matches)
+    inputs = [("--teacher", args.teacher), ("--student_init", args.student_init), ("--dataset", args.dataset),
+              ("--tokenizer", args.tokenizer)]
+    if args.student_config and Path(args.student_config).is_file():
+        inputs.append(("--student_config", args.student_config))
+    claim = stages.claim(stages.TRAINING_RUN, args.output_dir, request, inputs=inputs,
+                         overwrite=args.overwrite_output, resume=args.resume, accept_changed=args.accept_changed,
+                         acceptable=RESUME_CHANGEABLE, has_progress=lambda p: bool(checkpoints(p)))
+    if claim.state == "resume" and checkpoints(Path(args.output_dir)):
+        newest = checkpoints(Path(args.output_dir))[-1]
+        if int(newest.name.split("-")[1]) > args.max_steps:
+            raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, {newest} "
+                              f"(step {int(newest.name.split('-')[1])}): nothing to do; give a larger --max_steps")
+    if d.main and claim.state != "done":
+        out = Path(args.output_dir)
+        if claim.state == "replace":
+            stages.clear_output(stages.TRAINING_RUN, out, RUN_FILES)
+        out.mkdir(parents=True, exist_ok=True)
+        changed = [{"setting": n, "old": a, "new": b} for n, a, b in claim.accepted]
+        history = (claim.record or {}).get("changed_on_resume", []) + changed if claim.state == "resume" else []
+        stages.write_record(stages.TRAINING_RUN, out, request, complete=False, changed_on_resume=history)
+    if d.world > 1:
+        dist.barrier()  # the record exists before any rank goes on
+    return claim
 
 
 def _vocab_check(tokenizer, vocab_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int | None) -> None:
-    manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
-    if manifest["request"]["vocab"] != vocab_fingerprint(tokenizer):
+    record = stages.read_record(stages.DATASET, dataset_dir)
+    if record is None:
+        raise CorpusError(f"--dataset {dataset_dir} is not a dataset made by pretraining/my_datasets.py")
+    if record["settings"]["vocab"] != vocab_fingerprint(tokenizer):
         raise CorpusError(f"vocab mismatch: the dataset {dataset_dir} was tokenized with another vocab than "
                           f"{vocab_dir}/vocab.txt; rebuild it with --tokenizer {vocab_dir}")
     if student_vocab < len(tokenizer):
@@ -314,11 +398,34 @@ def _vocab_check(tokenizer, vocab_dir: str, dataset_dir: str, student_vocab: int
 
 
 # ------------------------------------------------------------------ the loop
+def _check_shapes(args: DistillArguments, matches: list[dict]) -> None:
+    """Everything that the configs and the vocab decide, before the run claims its output."""
+    teacher_conf = load_config(Path(args.teacher) / "config.json") if args.teacher else None
+    student_conf = load_config(Path(args.student_init) / "config.json" if args.student_init else args.student_config)
+    vocab_dir = args.tokenizer or args.teacher or args.student_init
+    _vocab_check(load_tokenizer(vocab_dir), vocab_dir, args.dataset, student_conf.vocab_size,
+                 teacher_conf.vocab_size if teacher_conf is not None else None)
+    if teacher_conf is not None:
+        check_matches(matches, teacher_conf.num_hidden_layers, student_conf.num_hidden_layers,
+                      teacher_conf.hidden_size, student_conf.hidden_size,
+                      teacher_conf.num_attention_heads, student_conf.num_attention_heads)
+    length = stages.read_record(stages.DATASET, args.dataset)["settings"]["max_seq_length"]
+    for what, conf in (("--teacher", teacher_conf), ("student", student_conf)):
+        if conf is not None and length > conf.max_position_embeddings:
+            raise CorpusError(f"the dataset {args.dataset} has sequences of {length} tokens, longer than the "
+                              f"{what}'s max_position_embeddings {conf.max_position_embeddings}")
+
+
 def train(args: DistillArguments) -> dict:
     _check_inputs(args)
+    matches = resolve_matches(args.matches)
+    _check_shapes(args, matches)
     d, device = setup_distributed(args.device)
     out = Path(args.output_dir)
-    matches = resolve_matches(args.matches)
+    claim = claim_run(args, d, matches)
+    if claim.state == "done":
+        summary = json.loads((out / SUMMARY_NAME).read_text()) if (out / SUMMARY_NAME).is_file() else {}
+        return {"steps": args.max_steps, "seconds": 0.0, "dev": {}} | summary | {"skipped": True}
     attn = "eager" if needs_attentions(matches) else None  # SDPA returns no attention probabilities
     teacher = None
     if args.teacher:
@@ -336,12 +443,6 @@ def train(args: DistillArguments) -> dict:
         model = BertForMaskedLM(config)
     vocab_dir = args.tokenizer or args.teacher or args.student_init
     tokenizer = load_tokenizer(vocab_dir)
-    _vocab_check(tokenizer, vocab_dir, args.dataset, model.config.vocab_size,
-                 teacher.config.vocab_size if teacher is not None else None)
-    if teacher is not None:
-        check_matches(matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
-                      teacher.config.hidden_size, model.config.hidden_size,
-                      teacher.config.num_attention_heads, model.config.num_attention_heads)
     student = Student(model, build_projections(matches)).to(device)
 
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
@@ -352,7 +453,7 @@ def train(args: DistillArguments) -> dict:
 
     step = 0
     logs: dict = {}
-    if args.resume:
+    if claim.state == "resume":
         found = checkpoints(out)
         if found:
             ckpt = found[-1]
@@ -363,6 +464,9 @@ def train(args: DistillArguments) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
+            if step > args.max_steps:
+                raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, "
+                                  f"{ckpt} (step {step}): nothing to do; give --max_steps {step} or more")
             logs = state.get("logs", {})
             if d.main:
                 print(f"resuming from {ckpt} (step {step})", flush=True)
@@ -407,98 +511,102 @@ def train(args: DistillArguments) -> dict:
         dev_history.append({"step": 0, **first_eval})
     t0 = time.perf_counter()
     student.train()
-    while step < args.max_steps:
-        terms_step: dict[str, float] = {}
-        bad: list[str] = []
-        for m in range(A):
-            g = d.rank * A + m  # global micro-batch index within the step
-            idx = order.indices(step * global_batch + g * B, B)
-            collator.rng = np.random.default_rng([args.seed, step, g])
-            batch = _to(collator([train_set[i] for i in idx]), device)
-            select = batch["labels"] != -100
-            torch.manual_seed(_sub_seed(args.seed, step, g))  # dropout: same on any number of processes
-            sync = m == A - 1 or d.world == 1
-            ctx = ddp_student.no_sync() if (d.world > 1 and not sync) else nullcontext()
-            with ctx:
-                terms = distill_losses(teacher, ddp_student, student.projections, batch, select, matches, args,
-                                       autocast, need_hidden, need_att)
-                total = sum(terms.values())
+    try:
+        while step < args.max_steps:
+            terms_step: dict[str, float] = {}
+            bad: list[str] = []
+            for m in range(A):
+                g = d.rank * A + m  # global micro-batch index within the step
+                idx = order.indices(step * global_batch + g * B, B)
+                collator.rng = np.random.default_rng([args.seed, step, g])
+                batch = _to(collator([train_set[i] for i in idx]), device)
+                select = batch["labels"] != -100
+                torch.manual_seed(_sub_seed(args.seed, step, g))  # dropout: same on any number of processes
+                sync = m == A - 1 or d.world == 1
+                ctx = ddp_student.no_sync() if (d.world > 1 and not sync) else nullcontext()
+                with ctx:
+                    terms = distill_losses(teacher, ddp_student, student.projections, batch, select, matches, args,
+                                           autocast, need_hidden, need_att)
+                    total = sum(terms.values())
+                    for name, value in terms.items():
+                        if not torch.isfinite(value):
+                            bad.append(f"term {name} = {value.item()}")
+                    if bad and args.on_nonfinite == "stop":
+                        raise CorpusError(f"non-finite loss at step {step + 1}: {bad[0]}; nothing saved for this step; "
+                                          f"{_kept(out)} (--on_nonfinite skip skips such steps)")
+                    (total / A).backward()  # even when skipping: every DDP rank must run the same collectives
                 for name, value in terms.items():
-                    if not torch.isfinite(value):
-                        bad.append(f"term {name} = {value.item()}")
-                if bad and args.on_nonfinite == "stop":
-                    raise CorpusError(f"non-finite loss at step {step + 1}: {bad[0]}; nothing saved for this step "
-                                      f"(last good checkpoint kept in {out}; --on_nonfinite skip skips such steps)")
-                (total / A).backward()  # even when skipping: every DDP rank must run the same collectives
-            for name, value in terms.items():
-                terms_step[name] = terms_step.get(name, 0.0) + value.item() / A
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            bad.append(f"gradient norm = {grad_norm.item()}")
-        skip = bool(bad)
-        if d.world > 1:  # every rank takes the same decision
-            flag = torch.tensor([float(skip)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            skip = bool(flag.item())
-        if skip and args.on_nonfinite == "stop":
-            raise CorpusError(f"non-finite values at step {step + 1}: {bad[0] if bad else 'on another rank'}; the "
-                              f"weights were not updated (last good checkpoint kept in {out})")
-        if skip:
-            skipped.append(step + 1)
-            if d.main:
-                tqdm.write(f"step {step + 1}: skipped ({bad[0] if bad else 'non-finite on another rank'}); "
-                           f"{len(skipped)} skipped so far")
-            if len(skipped) > args.max_skipped_steps:
-                raise CorpusError(f"{len(skipped)} steps had non-finite losses or gradients (first: {skipped[:5]}), "
-                                  f"more than --max_skipped_steps {args.max_skipped_steps}: stopping; the last "
-                                  f"good checkpoint is kept in {out}")
-        else:
-            optimizer.step()
-        with warnings.catch_warnings():
-            # A skipped step still advances the schedule (on purpose: the schedule follows the step count, which
-            # resume relies on); torch warns when that happens before any optimizer step.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+                    terms_step[name] = terms_step.get(name, 0.0) + value.item() / A
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                bad.append(f"gradient norm = {grad_norm.item()}")
+            skip = bool(bad)
+            if d.world > 1:  # every rank takes the same decision
+                flag = torch.tensor([float(skip)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                skip = bool(flag.item())
+            if skip and args.on_nonfinite == "stop":
+                raise CorpusError(f"non-finite values at step {step + 1}: {bad[0] if bad else 'on another rank'}; the "
+                                  f"weights were not updated; {_kept(out)}")
+            if skip:
+                skipped.append(step + 1)
+                if d.main:
+                    tqdm.write(f"step {step + 1}: skipped ({bad[0] if bad else 'non-finite on another rank'}); "
+                               f"{len(skipped)} skipped so far")
+                if len(skipped) > args.max_skipped_steps:
+                    raise CorpusError(f"{len(skipped)} steps had non-finite losses or gradients (first: "
+                                      f"{skipped[:5]}), more than --max_skipped_steps {args.max_skipped_steps}: "
+                                      f"stopping; {_kept(out)}")
+            else:
+                optimizer.step()
+            with warnings.catch_warnings():
+                # A skipped step still advances the schedule (on purpose: the schedule follows the step count, which
+                # resume relies on); torch warns when that happens before any optimizer step.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        if not skip:
-            for name, value in terms_step.items():
-                sums[name] = sums.get(name, 0.0) + value
-            count += 1
-        if d.main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(terms_step.values()):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if count and (step % args.logging_steps == 0 or step == args.max_steps):
-                history.append({"step": step, **{k: v / count for k, v in sums.items()}})
-                for name, value in sums.items():
-                    writer.add_scalar(f"train/{name}", value / count, step)
-                writer.add_scalar("train/loss", sum(sums.values()) / count, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                sums, count = {}, 0
-        if args.eval_steps and dev_set is not None and len(dev_set) and (
-                step % args.eval_steps == 0 or step == args.max_steps):
+            if not skip:
+                for name, value in terms_step.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                count += 1
             if d.main:
-                last_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device,
-                                     autocast)
-                dev_history.append({"step": step, **last_eval})
-                for name, value in last_eval.items():
-                    writer.add_scalar(f"dev/{name}", value, step)
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-        if step % args.save_steps == 0 or step == args.max_steps:
-            if d.main:
-                try:
-                    save_checkpoint(out, step, student, optimizer, scheduler, vocab_file, args,
-                                    args.save_total_limit,
-                                    {"history": history, "dev_history": dev_history, "skipped": skipped})
-                except OSError as e:  # full disk, quota, permissions: the temp dir is gone, older ones intact
-                    found = checkpoints(out)
-                    kept = f"the newest complete checkpoint is {found[-1]}" if found else "no earlier checkpoint"
-                    raise CorpusError(f"could not write the checkpoint of step {step} in {out}: {e}; {kept} "
-                                      f"(untouched). Free space and re-run with --resume.") from None
-            if d.world > 1:
-                dist.barrier()
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(terms_step.values()):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if count and (step % args.logging_steps == 0 or step == args.max_steps):
+                    history.append({"step": step, **{k: v / count for k, v in sums.items()}})
+                    for name, value in sums.items():
+                        writer.add_scalar(f"train/{name}", value / count, step)
+                    writer.add_scalar("train/loss", sum(sums.values()) / count, step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                    sums, count = {}, 0
+            if args.eval_steps and dev_set is not None and len(dev_set) and (
+                    step % args.eval_steps == 0 or step == args.max_steps):
+                if d.main:
+                    last_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device,
+                                         autocast)
+                    dev_history.append({"step": step, **last_eval})
+                    for name, value in last_eval.items():
+                        writer.add_scalar(f"dev/{name}", value, step)
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+            if step % args.save_steps == 0 or step == args.max_steps:
+                if d.main:
+                    try:
+                        save_checkpoint(out, step, student, optimizer, scheduler, vocab_file, args,
+                                        args.save_total_limit,
+                                        {"history": history, "dev_history": dev_history, "skipped": skipped})
+                    except OSError as e:  # full disk, quota, permissions: the temp dir is gone, older ones intact
+                        found = checkpoints(out)
+                        kept = f"the newest complete checkpoint is {found[-1]}" if found else "no earlier checkpoint"
+                        raise CorpusError(f"could not write the checkpoint of step {step} in {out}: {e}; {kept} "
+                                          f"(untouched). Free space and re-run with --resume.") from None
+                if d.world > 1:
+                    dist.barrier()
+    except KeyboardInterrupt:
+        bar.close()
+        raise KeyboardInterrupt(f"training stopped during step {step + 1}; {_kept(out)}") from None
     bar.close()
 
     summary = {"steps": step, "global_batch": global_batch, "world_size": d.world, "matches": matches,
@@ -513,6 +621,7 @@ def train(args: DistillArguments) -> dict:
             (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
             for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config last
                 os.replace(f, out / f.name)
+        stages.mark_complete(stages.TRAINING_RUN, out)  # last: only now is the run "done"
         writer.close()
     if d.world > 1:
         dist.barrier()

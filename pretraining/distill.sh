@@ -21,8 +21,13 @@ LAYER_MAP=${LAYER_MAP:-uniform}
 SAVE_STEPS=${SAVE_STEPS:-1000}
 EVAL_STEPS=${EVAL_STEPS:-1000}
 BF16=${BF16:---bf16}             # set BF16= to train in fp32
-EXTRA=${EXTRA:-}                  # more train.py flags, e.g. "--mlm_weight 1 --resume"
+EXTRA=${EXTRA:-}                  # more train.py flags, e.g. "--mlm_weight 1"
+OVERWRITE=${OVERWRITE:-}          # OVERWRITE=1: replace earlier outputs made with other settings
 PYTHON=${PYTHON:-python}
+# Each stage's script decides whether its output is done (same settings and inputs: skipped), unfinished
+# (resumed), or made with other settings (refused, listing them; OVERWRITE=1 replaces it): see minirbt/stages.py.
+OVERWRITE_FLAG=
+[ -z "$OVERWRITE" ] || OVERWRITE_FLAG=--overwrite_output
 
 if [ ! -f "$TEACHER/config.json" ]; then
   echo "error: no teacher at $TEACHER" >&2
@@ -30,7 +35,7 @@ if [ ! -f "$TEACHER/config.json" ]; then
   echo "  or set TEACHER=/path/to/folder; see pretrained_model_path/README.md" >&2
   exit 2
 fi
-if [ ! -f "$DATASET/minirbt_dataset.json" ]; then
+if [ ! -d "$DATASET" ]; then
   echo "error: no dataset at $DATASET: build it with pretraining/run_chinese_ref.py and pretraining/my_datasets.py," >&2
   echo "  or set DATASET=/path/to/folder" >&2
   exit 2
@@ -46,20 +51,18 @@ else
 fi
 
 distill() {  # teacher student_flag student output matches
-  if [ -f "$4/minirbt_training.json" ]; then echo "$4: done, skipped"; return; fi
-  # --resume: an interrupted stage continues from its newest checkpoint
+  # --resume: an interrupted stage continues from its newest checkpoint; a finished one is skipped by train.py
   # shellcheck disable=SC2086
   $LAUNCH "$ROOT/pretraining/train.py" --teacher "$1" "$2" "$3" --dataset "$DATASET" --output_dir "$4" \
     --matches "$5" --temperature "$TEMPERATURE" --learning_rate "$LR" --max_steps "$STEPS" \
     --batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$ACCUM" \
-    --save_steps "$SAVE_STEPS" --eval_steps "$EVAL_STEPS" --resume $BF16 $EXTRA
+    --save_steps "$SAVE_STEPS" --eval_steps "$EVAL_STEPS" --resume $OVERWRITE_FLAG $BF16 $EXTRA
 }
 
 echo "== stage 1: $TEACHER -> RBT6 (teacher assistant)"
-if [ ! -f "$OUT/rbt6_init/config.json" ]; then
-  $PYTHON "$ROOT/scripts/init_checkpoint_TA.py" --teacher "$TEACHER" --student_config rbt6 \
-    --layer_map "$LAYER_MAP" --output "$OUT/rbt6_init"
-fi
+# shellcheck disable=SC2086
+$PYTHON "$ROOT/scripts/init_checkpoint_TA.py" --teacher "$TEACHER" --student_config rbt6 \
+  --layer_map "$LAYER_MAP" --output "$OUT/rbt6_init" $OVERWRITE_FLAG
 distill "$TEACHER" --student_init "$OUT/rbt6_init" "$OUT/rbt6" L12_L6_hidden_mse
 
 echo "== stage 2: RBT6 -> MiniRBT-H256"

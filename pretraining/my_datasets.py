@@ -20,9 +20,7 @@ from typing import Literal
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, from any folder
 
-from transformers import HfArgumentParser  # noqa: E402
-
-from minirbt.cli import default_workers, run  # noqa: E402
+from minirbt.cli import OVERWRITE_HELP, check_ranges, default_workers, parse, run  # noqa: E402
 from minirbt.data import build_pretraining_dataset  # noqa: E402
 from minirbt.textio import CorpusError  # noqa: E402
 
@@ -42,6 +40,10 @@ class DatasetArguments:
     encoding_errors: Literal["strict", "replace"] = field(
         default="strict", metadata={"help": "As given to run_chinese_ref.py."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache (default: HF_DATASETS_CACHE)."})
+    overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
+
+    def __post_init__(self):
+        check_ranges(self, at_least_1=("max_seq_length", "num_workers"))
 
 
 def _from_json(path: str) -> dict[str, list[str]]:
@@ -52,16 +54,20 @@ def _from_json(path: str) -> dict[str, list[str]]:
         spec = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CorpusError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise CorpusError(f"{p}: expected a JSON object with train, train_ref, dev, dev_ref lists")
     out = {}
     for key in ("train", "train_ref", "dev", "dev_ref"):
         value = spec.get(key, [])
         value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise CorpusError(f"{p}: {key!r} must be a file name or a list of file names, got {value!r}")
         out[key] = [str((p.parent / v) if not Path(v).is_absolute() else Path(v)) for v in value]
     return out
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(DatasetArguments).parse_args_into_dataclasses()
+    (args,) = parse(DatasetArguments)
     if args.data_files_json:
         files = _from_json(args.data_files_json)
         train, train_ref, dev, dev_ref = files["train"], files["train_ref"], files["dev"], files["dev_ref"]
@@ -73,8 +79,8 @@ def main() -> None:
     manifest = build_pretraining_dataset(
         train, train_ref, args.tokenizer, args.output_dir, max_seq_length=args.max_seq_length,
         dev_files=dev, dev_refs=dev_ref, num_workers=args.num_workers, errors=args.encoding_errors,
-        cache_dir=args.cache_dir)
-    state = "up to date, reused" if manifest["reused"] else "written"
+        cache_dir=args.cache_dir, overwrite=args.overwrite_output)
+    state = "up to date, reused (same inputs and settings)" if manifest["reused"] else "written"
     for name, s in manifest["splits"].items():
         print(f"{name}: {s['lines']} lines, {s['tokens']} tokens -> {s['chunks']} chunks of <= "
               f"{args.max_seq_length} tokens")

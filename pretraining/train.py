@@ -17,15 +17,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transformers import HfArgumentParser  # noqa: E402
-
-from minirbt.cli import run  # noqa: E402
+from minirbt.cli import parse, run  # noqa: E402
 from minirbt.trainer import DistillArguments, train  # noqa: E402
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(DistillArguments).parse_args_into_dataclasses()
+    (args,) = parse(DistillArguments)
     summary = train(args)
+    if summary.get("skipped"):
+        print(f"{args.output_dir}: done, skipped (a finished run with the same settings and inputs; "
+              f"--overwrite_output to train it again)")
+        return
     if summary["dev"]:
         print("dev: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["dev"].items()))
     print(f"{args.output_dir}: student after {summary['steps']} steps ({summary['seconds']:.0f} s)")

@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minirbt.cli import run  # noqa: E402
+from minirbt.cli import ArgumentParser, check_ranges, run  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Every stage on less data, in a few minutes (tests).")
     ap.add_argument("--output_dir", default=None, help="Default: outputs/demo (outputs/demo_quick with --quick).")
     ap.add_argument("--segmenter", choices=["jieba", "ltp"], default=os.environ.get("SEGMENTER", "jieba"),
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1, help="Real recipe: GPUs on this node (torchrun).")
     ap.add_argument("--per_device_batch", type=int, default=32, help="Real recipe: sequences per GPU micro-batch.")
     args = ap.parse_args()
+    check_ranges(args, at_least_1=("steps", "nproc", "per_device_batch"))
 
     from minirbt.pipeline import demo_settings, real_settings
     from minirbt.pipeline import run as run_pipeline
@@ -62,7 +63,11 @@ def main() -> None:
             raise CorpusError("--corpus and --steps belong to the real recipe: give --teacher too")
         settings = demo_settings(args.quick)
     out = Path(args.output_dir or ROOT / "outputs" / ("demo_quick" if args.quick else "demo"))
-    results = run_pipeline(out, settings, args.segmenter, args.teacher, args.corpus, args.nproc)
+    try:
+        results = run_pipeline(out, settings, args.segmenter, args.teacher, args.corpus, args.nproc)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the demo stopped; finished stages and checkpoints are kept in {out}: re-run the "
+                                "same command to continue where it stopped") from None
     print()
     print((out / "results.md").read_text(encoding="utf-8"))
     print(f"{out}/results.md, results.json, results.png ({results['seconds'] / 60:.1f} min)")

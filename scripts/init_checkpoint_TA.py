@@ -17,12 +17,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minirbt.cli import run  # noqa: E402
-from minirbt.modeling import CONFIG_NAMES, init_from_teacher, load_config, load_mlm, save_model_folder  # noqa: E402
+from minirbt import stages  # noqa: E402
+from minirbt.cli import OVERWRITE_HELP, ArgumentParser, run  # noqa: E402
+from minirbt.modeling import (  # noqa: E402
+    CONFIG_NAMES,
+    check_model_folder,
+    config_path,
+    init_from_teacher,
+    load_config,
+    load_mlm,
+    parse_layer_map,
+    save_model_folder,
+)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="Teacher model folder (config.json, weights, vocab.txt).")
     ap.add_argument("--student_config", default="rbt6",
                     help=f"JSON file, or a shipped config: {', '.join(CONFIG_NAMES)} (default: rbt6).")
@@ -32,10 +42,24 @@ def main() -> None:
                          "released code uses), 'first' (layers 0..LS-1, as MiniRBT's README says), or a list "
                          "such as 0,2,4,7,9,11.")
     ap.add_argument("--output", required=True, help="Output model folder (written atomically).")
+    ap.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args()
-    teacher = load_mlm(args.teacher)
-    student, layers = init_from_teacher(teacher, load_config(args.student_config), args.layer_map)
-    save_model_folder(student, args.teacher, args.output)
+    check_model_folder(args.teacher, "teacher")
+    config = load_config(args.student_config)
+    teacher_config = load_config(Path(args.teacher) / "config.json")
+    layers = parse_layer_map(args.layer_map, teacher_config.num_hidden_layers, config.num_hidden_layers)
+    request = {"settings": {"student_config": config.to_diff_dict(), "layers": layers},
+               "inputs": {"teacher": stages.input_entry(args.teacher, stages.model_fingerprint(args.teacher))}}
+    inputs = [("--teacher", args.teacher)]
+    if Path(args.student_config).is_file():
+        inputs.append(("--student_config", config_path(args.student_config)))
+    claim = stages.claim(stages.MODEL, args.output, request, flag="--output", inputs=inputs,
+                         overwrite=args.overwrite_output)
+    if claim.state == "done":
+        print(f"{args.output}: teacher assistant up to date (same teacher, config and layers), skipped")
+        return
+    student, layers = init_from_teacher(load_mlm(args.teacher), config, args.layer_map)
+    save_model_folder(student, args.teacher, args.output, replace=True, request=request)
     print(f"{args.output}: {student.config.num_hidden_layers} layers from teacher layers {layers}")
 
 

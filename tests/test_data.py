@@ -67,11 +67,14 @@ def test_chunks_concatenate_lines_and_rebase_refs(corpus, tokenizer, vocab_dir, 
         assert manifest["splits"][split]["tokens"] == len(stream)
 
 
-def test_rerun_reuses_and_change_rebuilds(corpus, vocab_dir, tmp_path):
+def test_rerun_reuses_and_change_needs_overwrite(corpus, vocab_dir, tmp_path):
     args = ([corpus / "dev.txt"], [corpus / "dev_ref.txt"], vocab_dir, tmp_path / "ds")
     assert build_pretraining_dataset(*args, max_seq_length=32)["reused"] is False
     assert build_pretraining_dataset(*args, max_seq_length=32)["reused"] is True
-    assert build_pretraining_dataset(*args, max_seq_length=48)["reused"] is False
+    with pytest.raises(CorpusError, match=r"made with other settings \(max_seq_length: 32 -> 48\).*--overwrite_output"):
+        build_pretraining_dataset(*args, max_seq_length=48)
+    assert len(load_pretraining_dataset(tmp_path / "ds")["train"][0]["input_ids"]) == 32  # untouched
+    assert build_pretraining_dataset(*args, max_seq_length=48, overwrite=True)["reused"] is False
     assert len(load_pretraining_dataset(tmp_path / "ds")["train"][0]["input_ids"]) == 48
 
 

@@ -68,9 +68,20 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert f"\n| {row['name']} | {row['layers']} | {row['hidden']} |" in md
     assert md.count("\n| ") == len(results["models"]) + len(results["real_size"]) + len(curve) + 3  # + headers
 
-    # idempotent: a second run skips every stage and reproduces the same table
+    # idempotent: a finished demo is done; the same command prints its results again
+    again = run_script("scripts/demo.py", "--quick", "--output_dir", out)
+    assert "done (a finished run with the same settings and inputs)" in again.stdout and "$ " not in again.stdout
+    # an interrupted demo re-runs every stage's command, and each command skips what is done
+    weights = {p: p.read_bytes() for p in (out / "models").glob("*/model.safetensors")}
+    record = json.loads((out / "pipeline_settings.json").read_text())
+    (out / "pipeline_settings.json").write_text(json.dumps(record | {"complete": False}))
     again = run_script("scripts/demo.py", "--quick", "--output_dir", out)
     assert "done, skipped" in again.stdout and "up to date, reused" in again.stdout
-    assert "pretraining/train.py" not in again.stdout and "run_classification.py" not in again.stdout
+    assert "refs up to date" in again.stdout
+    assert "resuming from" not in again.stdout and "seed 1 epoch 1" not in again.stdout  # nothing trained again
+    assert {p: p.read_bytes() for p in (out / "models").glob("*/model.safetensors")} == weights
     assert [m["accuracy"] for m in json.loads((out / "results.json").read_text())["models"]] == \
         [m["accuracy"] for m in results["models"]]
+    # another setting for the same folder is refused, naming it
+    other = run_script("scripts/demo.py", "--quick", "--segmenter", "ltp", "--output_dir", out, check=False)
+    assert other.returncode == 2 and "segmenter" in other.stderr.splitlines()[-1]

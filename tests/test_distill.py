@@ -231,7 +231,7 @@ def test_clear_errors(case, tiny_teacher, dataset, student_config, tmp_path, voc
         out = tmp_path / "ck"
         train(args_for(tiny_teacher, dataset, student_config, out, max_steps=4, save_steps=2))
         (out / "checkpoint-0000004" / "model.safetensors").write_bytes(b"not a safetensors file")
-        kw.update(output_dir=str(out), resume=True, max_steps=6)
+        kw.update(output_dir=str(out), resume=True, max_steps=6, accept_changed=["max_steps"])
     elif case == "both_students":
         kw["student_init"] = str(tiny_teacher)
     with pytest.raises(CorpusError, match=message):

@@ -18,21 +18,28 @@ from minirbt.tokenization import default_vocab_path
 
 def test_readers_count_the_real_files(shared_data):
     ex, rep = read_classification("ocnli", shared_data / "ocnli" / "train.10k.json")
-    assert len(ex) + rep.skipped_unlabelled == 10_000 and rep.skipped_unlabelled > 0
+    labels = [json.loads(line)["label"] for line in open(shared_data / "ocnli" / "train.10k.json", encoding="utf-8")]
+    assert rep.records == 10_000 and rep.unusable == {"no gold label": labels.count("-")} and labels.count("-") > 0
+    assert len(ex) == rep.usable == 10_000 - labels.count("-")
     assert {e.label for e in ex} == {0, 1, 2} and ex[0].text_b
     ex, rep = read_classification("ocnli", shared_data / "ocnli" / "dev.json")
-    assert len(ex) + rep.skipped_unlabelled == 3_000
+    assert len(ex) + rep.unusable["no gold label"] == rep.records == 3_000
+    ex_all, rep_all = read_classification("ocnli", shared_data / "ocnli" / "dev.json", keep_unlabelled=True)
+    assert len(ex_all) == 3_000 and sum(e.label is None for e in ex_all) == rep.unusable["no gold label"]
     with open(shared_data / "chnsenticorp" / "ChnSentiCorp_htl_all.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     ex, rep = read_classification("chnsenticorp", shared_data / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
-    assert len(ex) + len(rep.skipped_bad) == len(rows) == 7_766
+    assert len(ex) + sum(rep.unusable.values()) == rep.records == len(rows) == 7_766
+    assert rep.unusable == {"empty text": sum(1 for r in rows if not r["review"].strip())}
     assert sum(e.label for e in ex) == sum(r["label"] == "1" for r in rows if r["review"].strip())
     assert any("," in e.text_a for e in ex) and any('"' in e.text_a for e in ex)  # quoted fields kept whole
     for name, n in (("trial.json", 1_002), ("dev.json", 3_219)):
         ex, rep = read_squad(shared_data / "cmrc2018" / name)
         assert len(ex) == n and all(e.answers for e in ex)
-        good = [e for e in ex if e.answer_start is not None]
-        assert len(good) + len(rep.skipped_bad) == n and len(rep.skipped_bad) < 10
+        good, rep_train = read_squad(shared_data / "cmrc2018" / name, training=True)
+        assert good == [e for e in ex if e.answer_start is not None]
+        bad = rep_train.unusable["answer_start does not point at the answer"]
+        assert len(good) + bad == rep_train.records == n and 0 < bad < 10
         assert all(e.context[e.answer_start :].startswith(e.answers[0]) for e in good)
 
 

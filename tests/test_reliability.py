@@ -326,7 +326,9 @@ def test_minirbt_pkl_checkpoints_convert_safely(tmp_path):
     torch.save({"bert.embeddings.word_embeddings.weight": _Exploit(marker)}, tmp_path / "evil.pkl")
     proc = run_script("scripts/convert_checkpoint.py", "--checkpoint", tmp_path / "evil.pkl", "--config", cfg,
                       "--vocab", vocab, "--output", tmp_path / "evil", check=False)
-    assert proc.returncode == 2 and "refused by torch.load(weights_only=True)" in proc.stderr
+    assert proc.returncode == 2 and "not a plain tensor state dict" in proc.stderr
+    assert "would call io.open" in proc.stderr
+    assert "weights_only=False" not in proc.stderr  # never advise running the file's code
     assert not marker.exists() and not (tmp_path / "evil").exists()
     wrong = tiny_bert(layers=1, hidden=48, heads=2, ffn=64)
     torch.save(wrong.state_dict(), tmp_path / "wrong.pkl")

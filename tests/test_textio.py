@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from minirbt.textio import CorpusError, atomic_path, count_lines, iter_lines
@@ -58,11 +60,28 @@ def test_atomic_path_keeps_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
-def test_atomic_dir_replaces_old_output(tmp_path):
+def test_atomic_dir_replaces_old_output_only_when_asked(tmp_path):
     final = tmp_path / "ds"
     final.mkdir()
     (final / "old").write_text("x")
-    with atomic_path(final, is_dir=True) as tmp:
+    with pytest.raises(CorpusError, match="exists: refusing to replace it"), atomic_path(final, is_dir=True):
+        pass
+    assert [p.name for p in final.iterdir()] == ["old"]
+    with atomic_path(final, is_dir=True, replace=True) as tmp:
         (tmp / "new").write_text("y")
     assert sorted(p.name for p in final.iterdir()) == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_outputs_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "f.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_path(tmp_path / "d", is_dir=True) as tmp:
+            (tmp / "inner").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
