@@ -273,6 +273,11 @@ def build_pretraining_dataset(
     inputs = [(f"{name} {what}", p) for name, s in splits.items() for what, paths in
               (("corpus file", s.files), ("ref file", s.refs)) for p in paths]
     inputs.append(("--tokenizer", tokenizer_dir))
+    if cache_dir is not None:
+        cache = Path(cache_dir).resolve()
+        if cache == output_dir.resolve() or output_dir.resolve() in cache.parents:
+            raise CorpusError(f"--cache_dir {cache_dir} is inside --output_dir {output_dir}: the finished dataset "
+                              "replaces that folder; give a cache folder elsewhere")
     claim = stages.claim(stages.DATASET, output_dir, request, inputs=inputs, overwrite=overwrite)
     if claim.state == "done":
         return claim.record | {"reused": True}

@@ -109,6 +109,8 @@ CASES = [
     Case("data-ref-misaligned", "a ref that does not point at a word's character", DATA,
          ("--train_file", "{ws}/bad/hello.txt", "--train_ref_file", "{ws}/bad/hello_ref.txt", "--tokenizer",
           "{ws}/vocab", "--output_dir", "{ws}/o", "--num_workers", "1"), "not a Chinese character continuing a word"),
+    Case("data-cache-in-output", "a datasets cache inside the output folder", DATA,
+         (*DATA_ARGS, "--output_dir", "{ws}/o", "--cache_dir", "{ws}/o/cache"), "is inside --output_dir"),
     Case("data-json-types", "a data.json whose entries are not file names", DATA,
          ("--data_files_json", "{ws}/bad/data.json", "--tokenizer", "{ws}/vocab", "--output_dir", "{ws}/o"),
          "'train' must be a file name or a list of file names"),
