@@ -2,9 +2,8 @@
 
 import os
 
-# Every model is a local folder: never wait on a model hub that is not there.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Model arguments take local folders or Hugging Face model ids (minirbt.modeling.resolve_model): the hub is used
+# when a name is not a folder here, online or from the local HF cache (HF_HUB_OFFLINE=1). Nothing is forced.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"

@@ -3,8 +3,11 @@
 For each sequence:
 
 * tokens are grouped into words: a token whose position is in ``chinese_ref``
-  continues the word of the token before it; every other token starts a word.
-  Special tokens (``[CLS]``, ``[SEP]``, ``[PAD]``, ...) are never part of a word.
+  continues the word of the token before it, and so does a WordPiece continuation
+  (``##ing``, ``##56``: English words and digit runs are masked whole, as in the
+  transformers 4.x collator MiniRBT trained with); every other token starts a word.
+  Special tokens (``[CLS]``, ``[SEP]``, ``[PAD]``, ...) are never part of a word, so
+  a ``##`` piece right after one starts a word of its own.
 * words are drawn in random order and taken while they fit, until about
   ``mlm_probability`` of the sequence's non-special tokens are chosen (the rule of
   the BERT / Hugging Face whole-word-mask code: at least one token; a word that
@@ -51,6 +54,8 @@ class ChineseWWMCollator:
         self.special = np.zeros(len(tokenizer), dtype=bool)
         self.special[list(special)] = True
         self.random_ids = np.flatnonzero(~self.special)  # replacements: ordinary tokens only
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.subword = np.array([t.startswith("##") for t in vocab], dtype=bool)
         self.rng = np.random.default_rng(seed)
 
     # The generator state travels with training checkpoints.
@@ -68,10 +73,11 @@ class ChineseWWMCollator:
         chosen = np.zeros(n, dtype=bool)
         if len(candidates) == 0:
             return chosen
-        cont = np.zeros(n, dtype=bool)
+        cont = self.subword[ids].copy()  # WordPiece continuations join the token before them
         ref = np.asarray(ref, dtype=np.int64)
         ref = ref[(ref > 0) & (ref < n)]
         cont[ref] = True
+        cont[0] = False
         cont[1:] &= ~special[:-1]  # a word never continues across a special token
         cont &= ~special
         starts = candidates[~cont[candidates]]

@@ -47,7 +47,8 @@ from minirbt.matches import (
     needs_attentions,
     resolve_matches,
 )
-from minirbt.modeling import check_model_folder, load_config, load_error, write_model_files
+from minirbt.modeling import check_model_folder, load_config, load_error, resolve_model, write_model_files
+from minirbt.optim import build_optimizer, parameter_groups
 from minirbt.tasks import (
     BAD_ANSWER,
     LABELS,
@@ -65,7 +66,7 @@ from minirbt.tokenization import load_tokenizer
 @dataclass
 class FinetuneArguments:
     task: str = field(metadata={"help": "Task name (see --help of the script)."})
-    model: str = field(metadata={"help": "Model folder to fine-tune (teacher, TA or student)."})
+    model: str = field(metadata={"help": "Model folder or Hugging Face model id to fine-tune (e.g. hfl/rbt6)."})
     train_file: str = field(metadata={"help": "Training file in the task's native format."})
     dev_file: str = field(metadata={"help": "Dev file (scored after every epoch)."})
     output_dir: str = field(metadata={"help": "results.json, predictions and the best model go here."})
@@ -240,10 +241,8 @@ def _training_setup(args: FinetuneArguments, model, teacher, matches: list[dict]
 
 
 def _optimizer(model, extra, lr, wd, total_steps, warmup):
-    params = [(n, p) for n, p in list(model.named_parameters()) + list(extra.named_parameters()) if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2 and "LayerNorm" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    """PyTorch's AdamW (eps 1e-8) as in the transformers fine-tuning examples; projections without decay."""
+    opt = build_optimizer(parameter_groups(model, extra, wd), lr, eps=1e-8, bias_correction=True)
     return opt, get_linear_schedule_with_warmup(opt, int(warmup * total_steps), total_steps)
 
 
@@ -436,6 +435,8 @@ def augment_examples(examples: list[Example], n: int, prob: float, mlm_dir: str,
 
 def _check_common(args: FinetuneArguments) -> None:
     """Model folders, device and lengths: everything decided before any file is read."""
+    for name in ("model", "teacher", "augment_mlm"):  # local folders or Hugging Face model ids
+        setattr(args, name, resolve_model(getattr(args, name), f"--{name}"))
     check_device(args.device)
     check_model_folder(args.model, "model")
     if args.teacher:

@@ -133,12 +133,18 @@ PRESETS: dict[str, list[dict]] = {
     "L4_attention_ce": _att(_L12_L4[1:], "attention_ce"),
     "L4_attention_mse_sum": _att(_L12_L4[1:], "attention_mse_sum"),
     "L4_attention_ce_mean": _att(_L12_L4[1:], "attention_ce_mean"),
-    "L4_hidden_mse": _hidden_mse(_L12_L4),
+    "L12_L4_hidden_mse": _hidden_mse(_L12_L4),  # 12 -> 4 layers, same width (no name of theirs)
     "L4_hidden_smmd": _pairs(_L12_L4, "mmd"),
     "L4t_hidden_mse": _hidden_mse(_L12_L4, ["linear", 312, 768]),
     "L4t_hidden_sgram": _pairs(_L12_L4, "gram", ["linear", 312, 768]),
     "L6_hidden_mse": _hidden_mse(_L12_L6),
     "L6_hidden_smmd": _pairs(_L12_L6, "mmd"),
+    # MiniRBT's own names (pretraining/matches.py), meaning what they mean there
+    "L4_hidden_mse": _hidden_mse([(i, i) for i in range(5)], ["linear", 312, 768]),  # RBT4 -> RBT4-H312
+    "L6h256_roberta_hidden_mse": _hidden_mse(_L12_L6, ["linear", 256, 768]),
+    "L6n0_hidden_mse": _hidden_mse(_L12_L6, ["linear", 288, 768]),
+    "L6h256_rbt6_hidden_mse": _hidden_mse(_L6_L6, ["linear", 256, 768]),
+    "L6h288_rbt6_hidden_mse": _hidden_mse(_L6_L6, ["linear", 288, 768]),
 }
 
 

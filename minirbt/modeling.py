@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertForMaskedLM
+from transformers.utils import logging as hf_logging
 
 from minirbt.textio import CorpusError, atomic_path
 from minirbt.tokenization import TOKENIZER_CONFIG, VOCAB_NAME
@@ -62,6 +63,28 @@ def load_config(name_or_path: str | os.PathLike) -> BertConfig:
     return config
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a model folder needs from a hub repository (the weights in either format; no TF/Flax/ONNX files).
+HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer_config.json",
+             "special_tokens_map.json", "tokenizer.json"]
+
+
+def resolve_model(name: str | os.PathLike | None, what: str) -> str | None:
+    """A local folder as given, or a Hugging Face model id (``hfl/chinese-roberta-wwm-ext``) resolved to its
+    snapshot folder by ``huggingface_hub``: downloaded when online, from the local HF cache when offline
+    (``HF_HUB_OFFLINE=1``). Weights still load only as tensors (safetensors, or ``weights_only``)."""
+    if name is None or Path(name).exists() or not _HUB_ID.fullmatch(str(name)):
+        return None if name is None else str(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(str(name), allow_patterns=HUB_FILES)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, network: the user needs the reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorpusError(f"{what} {name}: no such folder here, and the Hugging Face model {name} could not be "
+                          f"fetched ({reason})") from None
+
+
 def check_model_folder(folder: str | os.PathLike, what: str = "model folder") -> Path:
     folder = Path(folder)
     if not folder.is_dir():
@@ -78,15 +101,32 @@ def check_model_folder(folder: str | os.PathLike, what: str = "model folder") ->
     return folder
 
 
-def load_mlm(folder: str | os.PathLike, what: str = "teacher", attn_implementation: str | None = None
-             ) -> BertForMaskedLM:
-    """A ``BertForMaskedLM`` from a local folder (safetensors, or a .bin read with weights_only)."""
+def load_mlm(folder: str | os.PathLike, what: str = "teacher", attn_implementation: str | None = None,
+             require_head: bool = False) -> BertForMaskedLM:
+    """A ``BertForMaskedLM`` from a local folder (safetensors, or a .bin read with weights_only).
+
+    ``require_head``: refuse a checkpoint without the MLM head (many public Chinese BERT releases carry encoder
+    weights only; transformers would initialise ``cls.*`` at random and a KD loss would learn from noise)."""
     folder = check_model_folder(folder, what)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # missing keys are reported below, in one line
     try:
-        model = BertForMaskedLM.from_pretrained(str(folder), **kwargs)
+        model, info = BertForMaskedLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - safetensors/torch/json raise many kinds; the user needs the file
         raise CorpusError(f"cannot load {what} from {folder}: {load_error(e)}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+    head = sorted(k for k in info["missing_keys"] if k.startswith("cls.") and k != "cls.predictions.decoder.weight")
+    if require_head and head:
+        raise CorpusError(f"{what} {folder} has no MLM head: its weights lack {', '.join(head)} (an encoder-only "
+                          "checkpoint; transformers would initialise the head at random and distillation would "
+                          "learn from noise). Use the checkpoint with its pretraining head, e.g. "
+                          "hfl/chinese-roberta-wwm-ext")
+    other = sorted(k for k in info["missing_keys"] if not k.startswith("cls."))
+    if other:
+        raise CorpusError(f"{what} {folder}: its weights lack {', '.join(other[:6])}"
+                          f"{f' and {len(other) - 6} more' if len(other) > 6 else ''}: not a BERT of this config")
     return model
 
 
@@ -151,9 +191,16 @@ def parse_layer_map(spec: str, n_teacher: int, n_student: int) -> list[int]:
     return layers
 
 
-def init_from_teacher(teacher: BertForMaskedLM, config: BertConfig, layer_map: str = "uniform"
-                      ) -> tuple[BertForMaskedLM, list[int]]:
-    """A student of ``config`` with the teacher's embeddings, chosen layers and MLM head."""
+MLM_HEAD_CHOICES = ("copy", "random")
+
+
+def init_from_teacher(teacher: BertForMaskedLM, config: BertConfig, layer_map: str = "uniform",
+                      mlm_head: str = "copy") -> tuple[BertForMaskedLM, list[int]]:
+    """A student of ``config`` with the teacher's embeddings and chosen layers; its MLM head transform and bias
+    copied from the teacher (``mlm_head="copy"``) or left as initialised (``"random"``: MiniRBT's released
+    init_checkpoint_TA.py has the copy commented out). The decoder is tied to the embeddings either way."""
+    if mlm_head not in MLM_HEAD_CHOICES:
+        raise CorpusError(f"--mlm_head must be one of {', '.join(MLM_HEAD_CHOICES)}, got {mlm_head!r}")
     tc = teacher.config
     for key in ("hidden_size", "vocab_size", "max_position_embeddings", "type_vocab_size",
                 "num_attention_heads", "intermediate_size"):
@@ -165,7 +212,8 @@ def init_from_teacher(teacher: BertForMaskedLM, config: BertConfig, layer_map: s
     student.bert.embeddings.load_state_dict(teacher.bert.embeddings.state_dict())
     for s, t in enumerate(layers):
         student.bert.encoder.layer[s].load_state_dict(teacher.bert.encoder.layer[t].state_dict())
-    student.cls.load_state_dict(teacher.cls.state_dict())  # transform + bias; decoder tied to embeddings
+    if mlm_head == "copy":
+        student.cls.load_state_dict(teacher.cls.state_dict())  # transform + bias; decoder tied to embeddings
     student.tie_weights()
     return student, layers
 

@@ -44,6 +44,36 @@ def latency_ms(config: BertConfig, batch: int = 8, seq_len: int = 128, repeats: 
     return 1000 * statistics.median(times)
 
 
+@torch.no_grad()
+def heldout_mlm(folders: dict[str, Path], teacher_of: dict[str, str | None], dataset_dir: Path, vocab_dir: Path,
+                batches: int = 20, batch_size: int = 32, seed: int = 1234) -> dict[str, dict]:
+    """Masked-token accuracy of every model on the dataset's held-out (validation) split, all with the same
+    whole-word masks, and each model's top-1 agreement with the model it was distilled from (``teacher_of``)."""
+    from minirbt.collator import ChineseWWMCollator
+    from minirbt.data import load_pretraining_dataset
+    from minirbt.modeling import load_mlm
+    from minirbt.tokenization import load_tokenizer
+    from minirbt.trainer import masked_lm_forward
+
+    split = load_pretraining_dataset(dataset_dir)["validation"]
+    collator = ChineseWWMCollator(load_tokenizer(vocab_dir), 0.15, seed=seed)
+    fixed = [collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
+             for start in range(0, min(len(split), batches * batch_size), batch_size)]
+    gold = torch.cat([b["labels"][b["labels"] != -100] for b in fixed])
+    predicted = {}
+    for key, folder in folders.items():
+        model = load_mlm(folder, key).eval()
+        predicted[key] = torch.cat([masked_lm_forward(model, b, b["labels"] != -100, False, False)[0].argmax(-1)
+                                    for b in fixed])
+    out = {}
+    for key, pred in predicted.items():
+        t = teacher_of.get(key)
+        out[key] = {"heldout_mlm_accuracy": (pred == gold).float().mean().item(), "heldout_tokens": len(gold),
+                    "teacher_agreement": (pred == predicted[t]).float().mean().item() if t else None,
+                    "agreement_with": t}
+    return out
+
+
 def shape(config: BertConfig) -> dict:
     params, params_no_emb = count_parameters(config)
     return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
@@ -73,16 +103,23 @@ def markdown_tables(results: dict) -> str:
     lines = [f"# {results['title']}", "", results["description"], "",
              f"## Models of this run: {results['task']} test accuracy (mean of seeds {results['seeds']})", "",
              "| model | layers | hidden | heads | FFN | params | params w/o emb. | latency (ms) | speed-up "
-             "| accuracy (%) | ± std | relative to teacher | fine-tuning lr |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| accuracy (%) | ± std | relative to teacher | fine-tuning lr | held-out MLM acc. (%) "
+             "| top-1 agreement (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
+        agree = f"{100 * m['teacher_agreement']:.1f} (with {m['agreement_with']})" if m.get("agreement_with") \
+            else "-"
         lines.append(f"| {m['name']} | {m['layers']} | {m['hidden']} | {m['heads']} | {m['ffn']} | {_m(m['params'])} "
                      f"| {_m(m['params_no_emb'])} | {m['latency_ms']:.1f} | {m['speedup']:.1f}x "
                      f"| {100 * m['accuracy']:.2f} | {100 * m['accuracy_std']:.2f} | {100 * m['relative']:.1f}% "
-                     f"| {m['ft_learning_rate']:g} |")
+                     f"| {m['ft_learning_rate']:g} | {100 * m['heldout_mlm_accuracy']:.2f} | {agree} |")
+    tokens = results["models"][0].get("heldout_tokens")
     lines += ["", f"Latency: median forward pass of a batch of {lat['batch']} x {lat['seq_len']} tokens on this "
               f"machine's CPU ({lat['threads']} threads). Majority-class accuracy on test: "
-              f"{100 * results['majority_class_accuracy']:.2f}%.", ""]
+              f"{100 * results['majority_class_accuracy']:.2f}%. Held-out MLM accuracy: masked-token accuracy on "
+              f"the pretraining text's held-out split ({tokens} masked tokens, the same whole-word masks for every "
+              f"model); top-1 agreement: the share of those tokens where the model predicts what the model it was "
+              f"distilled from predicts (the MLM-only student: with the teacher, as a baseline).", ""]
     for note in results.get("warnings", []):
         lines.append(f"**WARNING: {note}**")
         lines.append("")

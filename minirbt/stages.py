@@ -276,3 +276,43 @@ def clear_output(kind: Kind, path: Path, names: Iterable[str]) -> None:
     rec = kind.record_path(path)
     if rec.exists():
         rec.unlink()
+
+
+def wait_for(kind: Kind, path: str | os.PathLike, timeout: float, poll: float = 5.0) -> dict:
+    """Block until ``path`` holds a complete output of ``kind`` (another node writes it); its record."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        record = read_record(kind, path)
+        if record is not None and record.get("complete"):
+            return record
+        if time.monotonic() > deadline:
+            raise CorpusError(f"{path}: no complete {kind.name} after {timeout:g} s: is it on a filesystem every "
+                              "node sees, and did node 0 build it?")
+        time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m minirbt.stages wait KIND PATH [--timeout S]``: used by distill.sh on nodes other than 0."""
+    import argparse
+
+    from minirbt.cli import run
+
+    def _main() -> None:
+        ap = argparse.ArgumentParser(prog="python -m minirbt.stages", description=main.__doc__)
+        sub = ap.add_subparsers(dest="command", required=True)
+        w = sub.add_parser("wait", help="wait until PATH holds a complete output of KIND")
+        w.add_argument("kind", choices=[k.name for k in (*KINDS, REFS_FILE, MRC_RUN)])
+        w.add_argument("path")
+        w.add_argument("--timeout", type=float, default=86400.0)
+        args = ap.parse_args(argv)
+        kind = next(k for k in (*KINDS, REFS_FILE, MRC_RUN) if k.name == args.kind)
+        wait_for(kind, args.path, args.timeout)
+        print(f"{args.path}: complete")
+
+    run(_main)
+
+
+if __name__ == "__main__":
+    main()

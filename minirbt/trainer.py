@@ -53,7 +53,8 @@ from minirbt.matches import (
     needs_attentions,
     resolve_matches,
 )
-from minirbt.modeling import check_model_folder, load_config, load_mlm, write_model_files
+from minirbt.modeling import check_model_folder, load_config, load_mlm, resolve_model, write_model_files
+from minirbt.optim import build_optimizer, parameter_groups
 from minirbt.textio import CorpusError, atomic_path
 from minirbt.tokenization import load_tokenizer, vocab_fingerprint
 
@@ -69,7 +70,7 @@ RESUME_CHANGEABLE = ("max_steps",)
 # Settings that do not change the trained weights: never part of the run's record.
 NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "save_steps",
                 "save_total_limit", "eval_steps", "eval_batches", "logging_steps", "on_nonfinite",
-                "max_skipped_steps", "resume", "device", "overwrite_output", "accept_changed",
+                "min_teacher_accuracy", "max_skipped_steps", "resume", "device", "overwrite_output", "accept_changed",
                 "gradient_accumulation_steps")
 
 
@@ -78,13 +79,14 @@ class DistillArguments:
     dataset: str = field(metadata={"help": "Dataset folder from pretraining/my_datasets.py."})
     output_dir: str = field(metadata={"help": "Where the student, checkpoints and TensorBoard logs go."})
     teacher: str | None = field(default=None, metadata={
-        "help": "Teacher model folder (a stage-1 output works as-is). Without it: plain MLM pretraining."})
+        "help": "Teacher: a model folder (a stage-1 output works as-is) or a Hugging Face model id such as "
+                "hfl/chinese-roberta-wwm-ext. Without it: plain MLM pretraining."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Vocab folder (default: the teacher's, else --student_init's)."})
     student_config: str | None = field(default=None, metadata={
         "help": "Student config: a JSON file or a shipped name (rbt6, minirbt_h256, ...); random init."})
     student_init: str | None = field(default=None, metadata={
-        "help": "Student model folder to start from (e.g. from scripts/init_checkpoint_TA.py)."})
+        "help": "Student model folder (e.g. from scripts/init_checkpoint_TA.py) or model id to start from."})
     matches: list[str] = field(default_factory=list, metadata={
         "nargs": "*", "help": "Intermediate matches: preset names, JSON files or JSON lists."})
     temperature: float = field(default=8.0, metadata={"help": "Softmax temperature of the KD loss."})
@@ -97,7 +99,12 @@ class DistillArguments:
     batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=4e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on bias/LayerNorm)."})
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay (not on biases, LayerNorm or match projections)."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (MiniRBT: 1e-6)."})
+    adam_bias_correction: bool = field(default=False, metadata={
+        "help": "Bias-corrected Adam moments (PyTorch's AdamW). Default off: MiniRBT's transformers-4 "
+                "AdamW(correct_bias=False), see minirbt/optim.py."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of max_steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens chosen for prediction."})
@@ -106,6 +113,10 @@ class DistillArguments:
     save_total_limit: int = field(default=3, metadata={"help": "Checkpoints kept (the newest)."})
     eval_steps: int = field(default=1000, metadata={"help": "Dev evaluation every N steps (0: never)."})
     eval_batches: int = field(default=50, metadata={"help": "Dev batches per evaluation."})
+    min_teacher_accuracy: float = field(default=0.01, metadata={
+        "help": "Before step 1 the teacher's masked-token accuracy on the dev split is measured and printed; "
+                "below this floor (chance is ~0.005%; an untrained MLM head scores about that) the run is "
+                "refused. 0: distil anyway."})
     logging_steps: int = field(default=50, metadata={"help": "TensorBoard scalars every N steps."})
     on_nonfinite: str = field(default="stop", metadata={
         "help": "A NaN/inf loss or gradient: 'stop' (default; the last checkpoint is kept) or 'skip' the step."})
@@ -123,8 +134,8 @@ class DistillArguments:
                                        "eval_batches", "logging_steps"),
                      non_negative=("kd_weight", "mlm_weight", "weight_decay", "eval_steps", "save_total_limit",
                                    "max_skipped_steps", "seed"),
-                     positive=("temperature", "learning_rate", "max_grad_norm"),
-                     probability=("mlm_probability",), fraction=("warmup_ratio",))
+                     positive=("temperature", "learning_rate", "max_grad_norm", "adam_epsilon"),
+                     probability=("mlm_probability",), fraction=("warmup_ratio", "min_teacher_accuracy"))
 
 
 
@@ -309,6 +320,8 @@ def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM | None, dev, col
 
 # ------------------------------------------------------------------ setup checks
 def _check_inputs(args: DistillArguments) -> None:
+    for name in ("teacher", "student_init", "tokenizer"):  # local folders or Hugging Face model ids
+        setattr(args, name, resolve_model(getattr(args, name), f"--{name}"))
     if (args.student_config is None) == (args.student_init is None):
         raise CorpusError("give exactly one of --student_config (random init) or --student_init (a model folder)")
     if args.teacher is None:
@@ -354,9 +367,9 @@ def run_request(args: DistillArguments, world: int, matches: list[dict]) -> dict
     return {"settings": settings, "inputs": inputs}
 
 
-def claim_run(args: DistillArguments, d: Dist, matches: list[dict]) -> stages.Claim:
-    """Claim output_dir for this run (refusing inputs, foreign folders and other settings) and, on rank 0,
-    record the request; a replaced run's files are removed first."""
+def decide_run(args: DistillArguments, d: Dist, matches: list[dict]) -> tuple[stages.Claim, dict]:
+    """What this run may do with output_dir (minirbt.stages): refuses inputs, foreign folders and other settings.
+    Writes nothing (see :func:`take_run`), so a request refused later leaves the folder as it was."""
     request = run_request(args, d.world, matches)
     inputs = [("--teacher", args.teacher), ("--student_init", args.student_init), ("--dataset", args.dataset),
               ("--tokenizer", args.tokenizer)]
@@ -370,8 +383,13 @@ def claim_run(args: DistillArguments, d: Dist, matches: list[dict]) -> stages.Cl
         if int(newest.name.split("-")[1]) > args.max_steps:
             raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, {newest} "
                               f"(step {int(newest.name.split('-')[1])}): nothing to do; give a larger --max_steps")
-    if d.main and claim.state != "done":
-        out = Path(args.output_dir)
+    return claim, request
+
+
+def take_run(claim: stages.Claim, request: dict, d: Dist) -> None:
+    """On rank 0: remove a replaced run's files and record this request (incomplete until the final write)."""
+    if d.main:
+        out = claim.path
         if claim.state == "replace":
             stages.clear_output(stages.TRAINING_RUN, out, RUN_FILES)
         out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +398,25 @@ def claim_run(args: DistillArguments, d: Dist, matches: list[dict]) -> stages.Cl
         stages.write_record(stages.TRAINING_RUN, out, request, complete=False, changed_on_resume=history)
     if d.world > 1:
         dist.barrier()  # the record exists before any rank goes on
-    return claim
+
+
+def check_teacher(teacher: BertForMaskedLM, student: BertForMaskedLM, data, tokenizer, args: DistillArguments,
+                  device: torch.device, autocast) -> dict:
+    """Before step 1: the teacher's masked-token accuracy on held-out text (the train split when there is no dev
+    split), printed, and refused below --min_teacher_accuracy: a teacher whose MLM head is untrained teaches
+    noise for days."""
+    split = "validation" if data.get("validation") is not None and len(data["validation"]) else "train"
+    result = evaluate(student, teacher, data[split], args.seed + 1, tokenizer, args, device, autocast)
+    acc = result["teacher_mlm_accuracy"]
+    tqdm.write(f"teacher check: masked-token accuracy {100 * acc:.2f}% on {result['tokens']} {split} tokens "
+               f"(floor --min_teacher_accuracy {100 * args.min_teacher_accuracy:g}%; chance "
+               f"{100 / teacher.config.vocab_size:.3f}%)")
+    if acc < args.min_teacher_accuracy:
+        raise CorpusError(f"the teacher {args.teacher} predicts only {100 * acc:.2f}% of masked tokens on the "
+                          f"{split} split, below --min_teacher_accuracy {args.min_teacher_accuracy:g}: is its MLM "
+                          f"head trained, and its vocab the dataset's? Pass --min_teacher_accuracy 0 to distil "
+                          f"from it anyway")
+    return result
 
 
 def _vocab_check(tokenizer, vocab_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int | None) -> None:
@@ -422,14 +458,14 @@ def train(args: DistillArguments) -> dict:
     _check_shapes(args, matches)
     d, device = setup_distributed(args.device)
     out = Path(args.output_dir)
-    claim = claim_run(args, d, matches)
+    claim, request = decide_run(args, d, matches)
     if claim.state == "done":
         summary = json.loads((out / SUMMARY_NAME).read_text()) if (out / SUMMARY_NAME).is_file() else {}
         return {"steps": args.max_steps, "seconds": 0.0, "dev": {}} | summary | {"skipped": True}
     attn = "eager" if needs_attentions(matches) else None  # SDPA returns no attention probabilities
     teacher = None
     if args.teacher:
-        teacher = load_mlm(args.teacher, "teacher", attn).to(device).eval()
+        teacher = load_mlm(args.teacher, "teacher", attn, require_head=True).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
 
@@ -445,10 +481,8 @@ def train(args: DistillArguments) -> dict:
     tokenizer = load_tokenizer(vocab_dir)
     student = Student(model, build_projections(matches)).to(device)
 
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
-    no_decay = [p for n, p in student.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    optimizer = build_optimizer(parameter_groups(student.model, student.projections, args.weight_decay),
+                                args.learning_rate, args.adam_epsilon, args.adam_bias_correction)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
 
     step = 0
@@ -488,6 +522,10 @@ def train(args: DistillArguments) -> dict:
     need_hidden = any(m["feature"] == "hidden" for m in matches)
     need_att = needs_attentions(matches)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    checked: dict = {}
+    if teacher is not None and step == 0:  # every rank decides alike (same data, same masks)
+        checked = check_teacher(teacher, student.model, data, tokenizer, args, device, autocast)
+    take_run(claim, request, d)
 
     writer = None
     if d.main:
@@ -504,7 +542,8 @@ def train(args: DistillArguments) -> dict:
     dev_history: list[dict] = list(logs.get("dev_history", []))
     skipped: list[int] = list(logs.get("skipped", []))
     if args.eval_steps and dev_set is not None and len(dev_set) and d.main and step == 0:
-        first_eval = evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device, autocast)
+        first_eval = checked or evaluate(student.model, teacher, dev_set, args.seed + 1, tokenizer, args, device,
+                                         autocast)  # the teacher check already measured the dev split
         for name, value in first_eval.items():
             writer.add_scalar(f"dev/{name}", value, 0)
         tqdm.write("step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in first_eval.items()))

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, from an
 
 from minirbt.cli import OVERWRITE_HELP, check_ranges, default_workers, parse, run  # noqa: E402
 from minirbt.data import build_pretraining_dataset  # noqa: E402
+from minirbt.modeling import resolve_model  # noqa: E402
 from minirbt.textio import CorpusError  # noqa: E402
 
 
@@ -76,6 +77,7 @@ def main() -> None:
     if not train:
         raise CorpusError("no training files: give --train_file F [F ...] --train_ref_file R [R ...] "
                           "or --data_files_json data.json")
+    args.tokenizer = resolve_model(args.tokenizer, "--tokenizer")  # a folder or a Hugging Face model id
     manifest = build_pretraining_dataset(
         train, train_ref, args.tokenizer, args.output_dir, max_seq_length=args.max_seq_length,
         dev_files=dev, dev_refs=dev_ref, num_workers=args.num_workers, errors=args.encoding_errors,

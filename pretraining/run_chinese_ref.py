@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, from an
 
 from minirbt import stages  # noqa: E402
 from minirbt.cli import OVERWRITE_HELP, check_device, check_ranges, default_workers, parse, run  # noqa: E402
+from minirbt.modeling import resolve_model  # noqa: E402
 from minirbt.refs import RefSpec, RefWriter, ref_name, ref_request  # noqa: E402
 from minirbt.textio import CorpusError, list_corpus_files  # noqa: E402
 
@@ -86,6 +87,7 @@ def main() -> None:
     (args,) = parse(RefArguments)
     check_device(args.device)
     jobs = plan(args)
+    args.tokenizer = resolve_model(args.tokenizer, "--tokenizer")  # a folder or a Hugging Face model id
     spec = RefSpec(args.tokenizer, args.segmenter, args.ltp_model if args.segmenter == "ltp" else None,
                    args.user_dict, args.device)
     builder = spec.build()  # here first: a missing tokenizer or model is reported before any work

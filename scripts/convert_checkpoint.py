@@ -24,6 +24,7 @@ from minirbt.modeling import (  # noqa: E402
     load_config,
     mlm_from_state_dict,
     read_state_dict,
+    resolve_model,
     save_model_folder,
 )
 from minirbt.textio import CorpusError  # noqa: E402
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--output", required=True, help="Output model folder (written atomically).")
     ap.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args()
+    args.vocab = resolve_model(args.vocab, "--vocab")
     load_tokenizer(args.vocab)  # a clear error for a folder without a vocab
     config = load_config(args.config)
     if not Path(args.checkpoint).is_file():

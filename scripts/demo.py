@@ -53,6 +53,9 @@ def main() -> None:
     from minirbt.textio import CorpusError
 
     if args.teacher:
+        from minirbt.modeling import resolve_model
+
+        args.teacher = resolve_model(args.teacher, "--teacher")  # a folder or a Hugging Face model id
         if not args.corpus:
             raise CorpusError("--teacher needs --corpus (the pretraining text for the real recipe)")
         import torch

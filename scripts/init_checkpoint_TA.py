@@ -3,9 +3,9 @@
     python scripts/init_checkpoint_TA.py --teacher pretrained_model_path/RoBERTa-wwm-ext \
         --student_config rbt6 --layer_map uniform --output outputs/rbt6_init
 
-Copies the embeddings (+ LayerNorm), the chosen teacher layers and the whole MLM
-head (transform + decoder bias; the decoder stays tied to the embeddings) into a
-BertForMaskedLM of the student config, and writes a complete model folder.
+Copies the embeddings (+ LayerNorm), the chosen teacher layers and (``--mlm_head copy``)
+the MLM head's transform and decoder bias (the decoder stays tied to the embeddings)
+into a BertForMaskedLM of the student config, and writes a complete model folder.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from minirbt import stages  # noqa: E402
 from minirbt.cli import OVERWRITE_HELP, ArgumentParser, run  # noqa: E402
 from minirbt.modeling import (  # noqa: E402
     CONFIG_NAMES,
+    MLM_HEAD_CHOICES,
     check_model_folder,
     config_path,
     init_from_teacher,
     load_config,
     load_mlm,
     parse_layer_map,
+    resolve_model,
     save_model_folder,
 )
 
@@ -42,13 +44,17 @@ def main() -> None:
                          "released code uses), 'first' (layers 0..LS-1, as MiniRBT's README says), or a list "
                          "such as 0,2,4,7,9,11.")
     ap.add_argument("--output", required=True, help="Output model folder (written atomically).")
+    ap.add_argument("--mlm_head", choices=MLM_HEAD_CHOICES, default="copy",
+                    help="The student's MLM head transform and bias: 'copy' the teacher's (default) or leave them "
+                         "'random' (MiniRBT's released code). The README gives the measured difference.")
     ap.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args()
+    args.teacher = resolve_model(args.teacher, "--teacher")  # a folder or a Hugging Face model id
     check_model_folder(args.teacher, "teacher")
     config = load_config(args.student_config)
     teacher_config = load_config(Path(args.teacher) / "config.json")
     layers = parse_layer_map(args.layer_map, teacher_config.num_hidden_layers, config.num_hidden_layers)
-    request = {"settings": {"student_config": config.to_diff_dict(), "layers": layers},
+    request = {"settings": {"student_config": config.to_diff_dict(), "layers": layers, "mlm_head": args.mlm_head},
                "inputs": {"teacher": stages.input_entry(args.teacher, stages.model_fingerprint(args.teacher))}}
     inputs = [("--teacher", args.teacher)]
     if Path(args.student_config).is_file():
@@ -58,7 +64,8 @@ def main() -> None:
     if claim.state == "done":
         print(f"{args.output}: teacher assistant up to date (same teacher, config and layers), skipped")
         return
-    student, layers = init_from_teacher(load_mlm(args.teacher), config, args.layer_map)
+    student, layers = init_from_teacher(load_mlm(args.teacher, require_head=args.mlm_head == "copy"), config,
+                                        args.layer_map, args.mlm_head)
     save_model_folder(student, args.teacher, args.output, replace=True, request=request)
     print(f"{args.output}: {student.config.num_hidden_layers} layers from teacher layers {layers}")
 

@@ -45,7 +45,7 @@ REF_ARGS = ("--tokenizer", "{ws}/vocab", "--segmenter", "jieba", "--num_workers"
 DATA_ARGS = ("--train_file", "{ws}/corpus/a.txt", "--train_ref_file", "{ws}/a_ref.txt", "--tokenizer", "{ws}/vocab",
              "--max_seq_length", "64", "--num_workers", "1")
 TRAIN_BASE = ("--teacher", "{ws}/teacher", "--student_config", "{ws}/s.json", "--dataset", "{ws}/ds",
-              "--batch_size", "4", "--save_steps", "2", "--eval_steps", "0")
+              "--batch_size", "4", "--save_steps", "2", "--eval_steps", "0", "--min_teacher_accuracy", "0")
 TRAIN_ARGS = (*TRAIN_BASE, "--max_steps", "2")
 CLS_ARGS = ("--task", "chnsenticorp", "--model", "{ws}/teacher", "--train_file", "{ws}/ft/train.csv",
             "--dev_file", "{ws}/ft/dev.csv", "--epochs", "1", "--max_seq_length", "32", "--seeds", "1")
@@ -169,6 +169,13 @@ CASES = [
     Case("train-match-types", "a match whose layer is not an integer", TRAIN,
          (*TRAIN_ARGS, "--matches", '[{"layer_T": "2", "layer_S": 1, "feature": "hidden", "loss": "hidden_mse"}]',
           "--output_dir", "{ws}/o"), "layer_T must be a layer index"),
+    Case("train-teacher-no-head", "a teacher checkpoint without its MLM head", TRAIN,
+         ("--teacher", "{ws}/encoder_only", *TRAIN_ARGS[2:], "--output_dir", "{ws}/o"), "has no MLM head"),
+    Case("train-teacher-floor", "a teacher that predicts no better than chance", TRAIN,
+         (*TRAIN_BASE[:-2], "--max_steps", "2", "--output_dir", "{ws}/o"), "below --min_teacher_accuracy 0.01"),
+    Case("ta-teacher-no-head", "a teacher assistant copying a head the teacher lacks", TA,
+         ("--teacher", "{ws}/encoder_only", "--student_config", "{ws}/s.json", "--output", "{ws}/o"),
+         "has no MLM head"),
     Case("train-steps", "--max_steps 0", TRAIN, (*TRAIN_BASE, "--max_steps", "0", "--output_dir", "{ws}/o"),
          "--max_steps must be"),
     Case("train-lr", "a negative learning rate", TRAIN, (*TRAIN_ARGS, "--learning_rate", "-1", "--output_dir",
@@ -281,6 +288,10 @@ def workspace(tmp_path_factory, vocab_dir, tiny_teacher, real_lines, shared_data
     shutil.copytree(vocab_dir, ws / "vocab")
     shutil.copytree(tiny_teacher, ws / "teacher")
     shutil.copytree(tiny_teacher, ws / "teacher2")
+    from transformers import BertModel
+
+    BertModel.from_pretrained(str(tiny_teacher)).save_pretrained(str(ws / "encoder_only"))  # no cls.* weights
+    shutil.copy(tiny_teacher / "vocab.txt", ws / "encoder_only" / "vocab.txt")
     (ws / "corpus").mkdir()
     (ws / "corpus" / "a.txt").write_text("\n".join(real_lines[:150]) + "\n", encoding="utf-8")
     (ws / "corpus" / "b.txt").write_text("\n".join(real_lines[150:200]) + "\n", encoding="utf-8")
@@ -307,7 +318,8 @@ def workspace(tmp_path_factory, vocab_dir, tiny_teacher, real_lines, shared_data
     build_pretraining_dataset([ws / "corpus" / "a.txt"], [ws / "a_ref.txt"], ws / "vocab", ws / "ds",
                               max_seq_length=64)
     train(DistillArguments(teacher=str(ws / "teacher"), student_config=str(ws / "s.json"), dataset=str(ws / "ds"),
-                           output_dir=str(ws / "run"), max_steps=2, batch_size=4, save_steps=2, eval_steps=0))
+                           output_dir=str(ws / "run"), max_steps=2, batch_size=4, save_steps=2, eval_steps=0,
+                           min_teacher_accuracy=0))
     _fine_tuning_files(ws / "ft", shared_data)
     builder = RefBuilder(LineTokenizer(load_tokenizer(ws / "vocab")), make_segmenter("jieba"))
     write_ref_file(builder, ws / "corpus" / "b.txt", ws / "b_ref.txt", progress=False)

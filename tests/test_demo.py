@@ -15,7 +15,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     proc = run_script("scripts/demo.py", "--quick", "--output_dir", out)
     for stage in ("0. corpus", "1. whole-word-mask refs (jieba)", "2. chunked Arrow dataset", "3. teacher stand-in",
-                  "5. stage 1", "6. stage 2", "7. baselines", "8. fine-tuning", "9. latency"):
+                  "5. stage 1", "6. stage 2", "7. baselines", "8. fine-tuning", "9. held-out"):
         assert stage in proc.stdout, stage
     assert "| Student H256 (two-stage) |" in proc.stdout  # the table is printed
 
@@ -55,6 +55,12 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert 0.0 <= m["accuracy"] <= 1.0 and m["latency_ms"] > 0
         assert abs(m["relative"] - m["accuracy"] / teacher["accuracy"]) < 1e-9
         assert abs(m["speedup"] - teacher["latency_ms"] / m["latency_ms"]) < 1e-9
+        # distillation quality directly: held-out masked-token accuracy, the same masks for every model
+        assert 0.0 <= m["heldout_mlm_accuracy"] <= 1.0 and m["heldout_tokens"] == teacher["heldout_tokens"] > 100
+        expected_teacher = {"teacher": None, "teacher_random": None, "ta": "teacher", "two_stage_H256": "ta",
+                            "two_stage_H288": "ta", "one_stage_H256": "teacher", "mlm_only_H256": "teacher"}
+        assert m["agreement_with"] == expected_teacher[m["key"]]
+        assert (m["teacher_agreement"] is None) == (m["agreement_with"] is None)
     students = {m["key"]: m for m in results["models"]}
     assert students["two_stage_H256"]["params"] < students["ta"]["params"] < teacher["params"]
     assert [r["name"] for r in results["real_size"]][0] == "RoBERTa-wwm-ext"

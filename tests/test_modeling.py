@@ -78,6 +78,21 @@ def test_uniform_map_copies_the_chosen_layers(tmp_path):
             assert ns == nt and torch.equal(ps, pt)
 
 
+def test_mlm_head_copied_or_left_random(tmp_path):
+    teacher = tiny_bert(layers=4, hidden=32, heads=2, ffn=64, seed=1)
+    config = load_config(_config_file(tmp_path, layers=2, hidden=32, heads=2, ffn=64))
+    copied, _ = init_from_teacher(teacher, config, "first", mlm_head="copy")
+    torch.manual_seed(5)
+    fresh, _ = init_from_teacher(teacher, config, "first", mlm_head="random")
+    t_head = teacher.cls.predictions.transform.dense.weight
+    assert torch.equal(copied.cls.predictions.transform.dense.weight, t_head)
+    assert not torch.equal(fresh.cls.predictions.transform.dense.weight, t_head)
+    for m in (copied, fresh):  # the decoder is the (copied) embedding matrix either way
+        assert torch.equal(m.cls.predictions.decoder.weight, teacher.bert.embeddings.word_embeddings.weight)
+    with pytest.raises(CorpusError, match="--mlm_head must be one of copy, random"):
+        init_from_teacher(teacher, config, "first", mlm_head="teacher")
+
+
 def _config_file(tmp_path, layers=2, hidden=64, heads=4, ffn=128):
     cfg = json.loads(open(load_config.__globals__["config_path"]("rbt6")).read())
     cfg.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn)

@@ -70,7 +70,8 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, tiny_teacher, voca
     out = tmp_path / "out"
     with pytest.raises(CorpusError, match=r"non-finite loss at step 1: term kd"):
         train(DistillArguments(teacher=str(bad), dataset=str(tmp_path / "ds"), output_dir=str(out),
-                               student_config=str(cfg), max_steps=4, batch_size=4, save_steps=2, eval_steps=0))
+                               student_config=str(cfg), max_steps=4, batch_size=4, save_steps=2, eval_steps=0,
+                               min_teacher_accuracy=0))
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
 
 
@@ -96,7 +97,7 @@ def _train_cmd(teacher, ds, cfg, out, steps: int) -> list[str]:
     return [sys.executable, str(ROOT / "pretraining/train.py"), "--teacher", str(teacher), "--dataset", str(ds),
             "--output_dir", str(out), "--student_config", str(cfg), "--mlm_weight", "1", "--max_steps", str(steps),
             "--batch_size", "4", "--learning_rate", "1e-3", "--save_steps", "3", "--save_total_limit", "2",
-            "--eval_steps", "0", "--seed", "7"]
+            "--eval_steps", "0", "--seed", "7", "--min_teacher_accuracy", "0"]
 
 
 def _weights(folder):
@@ -170,7 +171,7 @@ def test_skip_nonfinite_steps_never_writes_nan_weights(tmp_path, tiny_teacher, s
     weights["cls.predictions.bias"][:3] = float("nan")  # 3 NaN logits make every softmax NaN
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
     args = dict(teacher=str(bad), dataset=str(ds), student_config=str(cfg), max_steps=6, batch_size=4,
-                save_steps=6, eval_steps=0, on_nonfinite="skip", seed=1)
+                save_steps=6, eval_steps=0, on_nonfinite="skip", seed=1, min_teacher_accuracy=0)
     summary = train(DistillArguments(output_dir=str(tmp_path / "skip"), **args))
     assert summary["skipped_steps"] == list(range(1, 7))  # every batch sees the NaN logits of tokens 0..2
     final = _weights(tmp_path / "skip")

@@ -120,7 +120,7 @@ def _args(tiny_teacher, d, out, **kw):
     from minirbt.trainer import DistillArguments
 
     base = dict(teacher=str(tiny_teacher), dataset=str(d / "ds"), output_dir=str(out), student_config=str(d / "s.json"),
-                max_steps=4, batch_size=4, save_steps=2, eval_steps=0)
+                max_steps=4, batch_size=4, save_steps=2, eval_steps=0, min_teacher_accuracy=0)
     return DistillArguments(**(base | kw))
 
 
@@ -154,7 +154,8 @@ def test_ctrl_c_says_what_was_kept(tmp_path, tiny_teacher, tiny_setup):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "pretraining/train.py"), "--teacher", str(tiny_teacher), "--dataset",
            str(tiny_setup / "ds"), "--student_config", str(tiny_setup / "s.json"), "--output_dir", str(out),
-           "--max_steps", "100000", "--batch_size", "4", "--save_steps", "3", "--eval_steps", "0"]
+           "--max_steps", "100000", "--batch_size", "4", "--save_steps", "3", "--eval_steps", "0",
+           "--min_teacher_accuracy", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not list(out.glob("checkpoint-*/training_state.pt")) and time.time() < deadline:
