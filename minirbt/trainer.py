@@ -461,6 +461,8 @@ def train(args: DistillArguments) -> dict:
     claim, request = decide_run(args, d, matches)
     if claim.state == "done":
         summary = json.loads((out / SUMMARY_NAME).read_text()) if (out / SUMMARY_NAME).is_file() else {}
+        if d.world > 1:  # every rank decided alike from the same record
+            dist.destroy_process_group()
         return {"steps": args.max_steps, "seconds": 0.0, "dev": {}} | summary | {"skipped": True}
     attn = "eager" if needs_attentions(matches) else None  # SDPA returns no attention probabilities
     teacher = None
