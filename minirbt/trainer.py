@@ -378,11 +378,10 @@ def decide_run(args: DistillArguments, d: Dist, matches: list[dict]) -> tuple[st
     claim = stages.claim(stages.TRAINING_RUN, args.output_dir, request, inputs=inputs,
                          overwrite=args.overwrite_output, resume=args.resume, accept_changed=args.accept_changed,
                          acceptable=RESUME_CHANGEABLE, has_progress=lambda p: bool(checkpoints(p)))
-    if claim.state == "resume" and checkpoints(Path(args.output_dir)):
-        newest = checkpoints(Path(args.output_dir))[-1]
-        if int(newest.name.split("-")[1]) > args.max_steps:
-            raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, {newest} "
-                              f"(step {int(newest.name.split('-')[1])}): nothing to do; give a larger --max_steps")
+    found = checkpoints(Path(args.output_dir)) if claim.state == "resume" else []
+    if found and int(found[-1].name.split("-")[1]) > args.max_steps:
+        raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, {found[-1]} "
+                          f"(step {int(found[-1].name.split('-')[1])}): nothing to do; give a larger --max_steps")
     return claim, request
 
 
@@ -499,10 +498,7 @@ def train(args: DistillArguments) -> dict:
             student.projections.load_state_dict(state["projections"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            step = int(state["step"])
-            if step > args.max_steps:
-                raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, "
-                                  f"{ckpt} (step {step}): nothing to do; give --max_steps {step} or more")
+            step = int(state["step"])  # <= max_steps: decide_run refused a checkpoint beyond it
             logs = state.get("logs", {})
             if d.main:
                 print(f"resuming from {ckpt} (step {step})", flush=True)
