@@ -246,7 +246,12 @@ def _to(batch: dict, device: torch.device) -> dict:
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (written atomically: a half-written one is a hidden temp dir)."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a ``checkpoint-NNNNNNN`` folder, from its name."""
+    return int(folder.name.split("-")[1])
 
 
 def save_checkpoint(output_dir: Path, step: int, student: Student, optimizer, scheduler, vocab_file: Path,
@@ -269,7 +274,7 @@ def _kept(out: Path) -> str:
     found = checkpoints(out)
     if not found:
         return f"no checkpoint was written yet in {out}: a re-run starts from step 0"
-    step = int(found[-1].name.split("-")[1])
+    step = checkpoint_step(found[-1])
     return f"the newest checkpoint, {found[-1]} (step {step}), is kept: re-run with --resume to continue from it"
 
 
@@ -379,9 +384,9 @@ def decide_run(args: DistillArguments, d: Dist, matches: list[dict]) -> tuple[st
                          overwrite=args.overwrite_output, resume=args.resume, accept_changed=args.accept_changed,
                          acceptable=RESUME_CHANGEABLE, has_progress=lambda p: bool(checkpoints(p)))
     found = checkpoints(Path(args.output_dir)) if claim.state == "resume" else []
-    if found and int(found[-1].name.split("-")[1]) > args.max_steps:
+    if found and checkpoint_step(found[-1]) > args.max_steps:
         raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, {found[-1]} "
-                          f"(step {int(found[-1].name.split('-')[1])}): nothing to do; give a larger --max_steps")
+                          f"(step {checkpoint_step(found[-1])}): nothing to do; give a larger --max_steps")
     return claim, request
 
 
