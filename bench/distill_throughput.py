@@ -37,12 +37,13 @@ import torch  # noqa: E402
 from transformers import BertForMaskedLM  # noqa: E402
 
 from minirbt.collator import ChineseWWMCollator  # noqa: E402
+from minirbt.distill import DistillConfig  # noqa: E402
 from minirbt.matches import build_projections, resolve_matches  # noqa: E402
 from minirbt.modeling import load_config  # noqa: E402
 from minirbt.refs import RefBuilder  # noqa: E402
 from minirbt.segmentation import make_segmenter  # noqa: E402
 from minirbt.tokenization import LineTokenizer, load_tokenizer, save_tokenizer  # noqa: E402
-from minirbt.trainer import DistillArguments, Student, distill_losses  # noqa: E402
+from minirbt.trainer import Student, distill_losses  # noqa: E402
 
 PRESET = "L6_L6_hidden_mse_H256"
 
@@ -83,7 +84,8 @@ def run_project(batches: list[dict], bf16: bool, steps: int) -> float:
     teacher, model = models()
     matches = resolve_matches([PRESET])
     student = Student(model, build_projections(matches))
-    args = DistillArguments(teacher="", dataset="", output_dir="", temperature=8.0)
+    # train.py's defaults with a teacher: KD at T = 8, no MLM term, the preset's hidden-state matches
+    config = DistillConfig(8.0, intermediate_matches=matches)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     for p in teacher.parameters():
@@ -94,8 +96,7 @@ def run_project(batches: list[dict], bf16: bool, steps: int) -> float:
             t0 = time.perf_counter()
         batch = batches[i % len(batches)]
         select = batch["labels"] != -100
-        terms = distill_losses(teacher, student, student.projections, batch, select, matches, args, autocast,
-                               True, False)
+        terms = distill_losses(teacher, student, student.projections, batch, select, config, autocast)
         sum(terms.values()).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()

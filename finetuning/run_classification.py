@@ -23,12 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from minirbt.classification import ClassificationArguments, run_classification  # noqa: E402
 from minirbt.cli import parse, run  # noqa: E402
-from minirbt.finetune import FinetuneArguments, run_classification  # noqa: E402
 
 
 def main() -> None:
-    (args,) = parse(FinetuneArguments)
+    (args,) = parse(ClassificationArguments)
     r = run_classification(args)
     seeds = ", ".join(f"{x['seed']}: {x['accuracy']:.4f}" for x in r["per_seed"])
     print(f"{r['task']}: accuracy {r['accuracy']:.4f} (mean of seeds {seeds}; best {r['best']:.4f}; "

@@ -148,17 +148,42 @@ PRESETS: dict[str, list[dict]] = {
 }
 
 
-def resolve_matches(specs: list[str] | None) -> list[dict]:
-    """Preset names, JSON files or inline JSON lists -> one list of match dicts (validated shape)."""
+def uniform_hidden_mse(layers_T: int, layers_S: int, hidden_T: int, hidden_S: int) -> list[dict]:
+    """MiniRBT's hidden-state MSE matches for any depths: (0, 0) and student layer i <- teacher layer i x LT / LS,
+    with a trained linear projection where the widths differ (12 -> 6 layers at 768 -> 256: L12_L6_hidden_mse_H256)."""
+    out = []
+    for i in range(layers_S + 1):
+        m = {"layer_T": i * layers_T // layers_S, "layer_S": i, "feature": "hidden", "loss": "hidden_mse",
+             "weight": 1}
+        if hidden_S != hidden_T:
+            m["proj"] = ["linear", hidden_S, hidden_T]
+        out.append(m)
+    return out
+
+
+# Matches computed from the two models' shapes: (layers_T, layers_S, hidden_T, hidden_S) -> matches.
+RULES = {"uniform_hidden_mse": uniform_hidden_mse}
+
+
+def resolve_matches(specs: list[str] | None, shapes: tuple[int, int, int, int] | None = None) -> list[dict]:
+    """Preset names, rule names (:data:`RULES`, given the models' ``shapes``: layers_T, layers_S, hidden_T,
+    hidden_S), JSON files or inline JSON lists -> one list of match dicts (validated shape)."""
     matches: list[dict] = []
     for spec in specs or []:
         if spec in PRESETS:
             matches += copy.deepcopy(PRESETS[spec])
             continue
+        if spec in RULES:
+            if shapes is None:
+                raise CorpusError(f"--matches {spec}: a rule computed from the teacher's and student's shapes, "
+                                  f"and there is no teacher")
+            matches += RULES[spec](*shapes)
+            continue
         stripped = spec.lstrip()
         is_inline = stripped.startswith(("[", "{"))
         if not is_inline and not Path(spec).is_file():
-            raise CorpusError(f"--matches {spec!r}: not a preset ({', '.join(PRESETS)}), a JSON file or a JSON list")
+            raise CorpusError(f"--matches {spec!r}: not a preset ({', '.join(PRESETS)}), a rule "
+                              f"({', '.join(RULES)}), a JSON file or a JSON list")
         text = spec if is_inline else Path(spec).read_text()
         try:
             data = json.loads(text)

@@ -14,6 +14,7 @@ the match projections (MiniRBT/TextBrewer give them none).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -79,3 +80,45 @@ def build_optimizer(groups: Iterable[dict], lr: float, eps: float, bias_correcti
     if bias_correction:
         return torch.optim.AdamW(groups, lr=lr, eps=eps)
     return AdamWNoBiasCorrection(groups, lr=lr, eps=eps)
+
+
+class Optimization:
+    """Optimizer, linear warm-up/decay schedule and gradient clipping of one training run: every stage steps the
+    same way (pretraining, classification and span extraction)."""
+
+    def __init__(self, model: nn.Module, projections: nn.Module | None, *, lr: float, weight_decay: float,
+                 eps: float, bias_correction: bool, warmup_steps: int, total_steps: int, max_grad_norm: float):
+        from transformers import get_linear_schedule_with_warmup
+
+        self.optimizer = build_optimizer(parameter_groups(model, projections, weight_decay), lr, eps,
+                                         bias_correction)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
+        self.max_grad_norm = max_grad_norm
+        # clipped in module order (the norm's float sum depends on it): the model's, then the projections'
+        self.params = list(model.parameters()) + (list(projections.parameters()) if projections is not None else [])
+
+    def clip(self) -> torch.Tensor:
+        """Clip the gradients to ``max_grad_norm``; returns their norm before clipping (inf/NaN when non-finite)."""
+        return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+
+    def step(self, update: bool = True) -> None:
+        """Apply the update (unless ``update`` is False: a skipped step), advance the schedule, clear gradients."""
+        if update:
+            self.optimizer.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (on purpose: the schedule follows the step count, which
+            # resume relies on); torch warns when that happens before any optimizer step.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

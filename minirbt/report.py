@@ -51,9 +51,9 @@ def heldout_mlm(folders: dict[str, Path], teacher_of: dict[str, str | None], dat
     whole-word masks, and each model's top-1 agreement with the model it was distilled from (``teacher_of``)."""
     from minirbt.collator import ChineseWWMCollator
     from minirbt.data import load_pretraining_dataset
+    from minirbt.mlm_eval import masked_lm_forward
     from minirbt.modeling import load_mlm
     from minirbt.tokenization import load_tokenizer
-    from minirbt.trainer import masked_lm_forward
 
     split = load_pretraining_dataset(dataset_dir)["validation"]
     collator = ChineseWWMCollator(load_tokenizer(vocab_dir), 0.15, seed=seed)

@@ -189,9 +189,11 @@ class MRCExample:
     answer_start: int | None  # of the first answer, None when it does not match the context
 
 
-def read_squad(path: str | Path, training: bool = False) -> tuple[list[MRCExample], ReadReport]:
-    """SQuAD v1-style questions. Unusable and counted: a question without an answer; for ``training``, also one
-    whose first answer's ``answer_start`` does not point at its text (there is no span to learn)."""
+def read_squad(path: str | Path, training: bool = False,
+               keep_unanswered: bool = False) -> tuple[list[MRCExample], ReadReport]:
+    """SQuAD v1-style questions. Unusable and counted: a question without an answer (kept, with no answers, for
+    ``keep_unanswered``: a test file to predict); for ``training``, also one whose first answer's
+    ``answer_start`` does not point at its text (there is no span to learn)."""
     path = require_file(path, "reading-comprehension data file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -212,6 +214,9 @@ def read_squad(path: str | Path, training: bool = False) -> tuple[list[MRCExampl
                 report.records += 1
                 answers = [a.get("text") for a in qa.get("answers", []) if isinstance(a, dict)]
                 answers = [a for a in answers if isinstance(a, str) and a.strip()]
+                if not answers and keep_unanswered and not training:
+                    out.append(MRCExample(str(qa["id"]), qa["question"], context, [], None))
+                    continue
                 if not answers:
                     report.skip(NO_ANSWER, str(qa["id"]))
                     continue

@@ -231,9 +231,10 @@ CASES = [
          (*MRC_ARGS, "--max_seq_length", "20", "--doc_stride", "8"), "context tokens per window"),
     Case("mrc-stride", "a stride longer than the window", MRC, (*MRC_ARGS, "--doc_stride", "600"),
          "--doc_stride 600 must be below --max_seq_length 512"),
-    Case("mrc-test-file", "a test file for reading comprehension", MRC, (*MRC_ARGS, "--test_file",
-                                                                        "{ws}/ft/mrc.json"),
-         "does not score a test file yet"),
+    Case("mrc-test-file", "a reading-comprehension test file that is not there", MRC,
+         (*MRC_ARGS, "--test_file", "{ws}/ft/none.json"), "none.json"),
+    Case("mrc-augment", "--augment given to run_mrc.py", MRC, (*MRC_ARGS, "--augment", "1"),
+         "unrecognized arguments: --augment"),
     # the rest
     Case("demo-out-user-folder", "the demo written into a user's folder", "scripts/demo.py",
          ("--quick", "--output_dir", "{ws}/mine"), "holds files this project did not write"),
@@ -277,8 +278,9 @@ def workspace(tmp_path_factory, vocab_dir, tiny_teacher, real_lines, shared_data
     import torch
     from conftest import run_script, tiny_bert
 
+    from minirbt.classification import ClassificationArguments as FinetuneArguments
+    from minirbt.classification import run_classification
     from minirbt.data import build_pretraining_dataset
-    from minirbt.finetune import FinetuneArguments, run_classification
     from minirbt.refs import RefBuilder, write_ref_file
     from minirbt.segmentation import make_segmenter
     from minirbt.tokenization import LineTokenizer, load_tokenizer

@@ -106,7 +106,7 @@ def _weights(folder):
 
 def test_distillation_killed_anywhere_resumes_to_the_same_weights(tmp_path, tiny_teacher, small_dataset):
     """SIGKILL inside checkpoint writes (fault points) and at random moments; each time --resume; same result."""
-    from minirbt.trainer import checkpoints
+    from minirbt.checkpoints import checkpoints
 
     ds, cfg = small_dataset
     steps = 60  # enough that three kills, each a little after a new checkpoint, cannot reach the end
@@ -144,7 +144,7 @@ def test_distillation_killed_anywhere_resumes_to_the_same_weights(tmp_path, tiny
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_teacher, small_dataset):
-    from minirbt.trainer import STATE_NAME, checkpoints
+    from minirbt.checkpoints import STATE_NAME, checkpoints
 
     ds, cfg = small_dataset
     out = tmp_path / "out"

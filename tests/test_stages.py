@@ -170,7 +170,7 @@ def test_ctrl_c_says_what_was_kept(tmp_path, tiny_teacher, tiny_setup):
 
 
 def test_stop_without_checkpoint_claims_none(tmp_path, tiny_teacher, tiny_setup):
-    from minirbt.trainer import _kept
+    from minirbt.checkpoints import pretraining_kept as _kept
 
     assert "no checkpoint was written yet" in _kept(tmp_path)
 
@@ -179,7 +179,8 @@ def test_stop_without_checkpoint_claims_none(tmp_path, tiny_teacher, tiny_setup)
 def test_unusable_rows_are_counted_reported_and_refused_beyond_the_share(tmp_path, tiny_teacher, shared_data):
     import csv
 
-    from minirbt.finetune import FinetuneArguments, run_classification
+    from minirbt.classification import ClassificationArguments as FinetuneArguments
+    from minirbt.classification import run_classification
 
     with open(shared_data / "chnsenticorp" / "ChnSentiCorp_htl_all.csv", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["review"].strip()][::101][:60]

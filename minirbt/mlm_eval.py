@@ -1,0 +1,102 @@
+"""Masked-token evaluation of a student (and its teacher) on fixed dev masks, and the teacher check.
+
+The LM heads run only on the masked positions (~15% of tokens: the vocabulary
+projection dominates otherwise), in training and in evaluation alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import BertForMaskedLM
+
+from minirbt.collator import ChineseWWMCollator
+from minirbt.matches import KD_LOSSES
+from minirbt.pretrain_setup import DistillArguments
+from minirbt.textio import CorpusError
+
+
+def masked_lm_forward(model: BertForMaskedLM, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
+    """Encoder outputs, and MLM logits at the selected (masked) positions only."""
+    out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"], output_hidden_states=hidden,
+                     output_attentions=attentions)
+    return model.cls(out.last_hidden_state[select]), out.hidden_states, out.attentions
+
+
+def teacher_forward(teacher: BertForMaskedLM | None, batch: dict, select: torch.Tensor, hidden: bool,
+                    attentions: bool):
+    if teacher is None:  # MLM pretraining without a teacher
+        return None, None, None
+    with torch.no_grad():
+        return masked_lm_forward(teacher, batch, select, hidden, attentions)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM | None, dev, collator_seed: int, tokenizer,
+             args: DistillArguments, device: torch.device, autocast) -> dict:
+    """Masked-token accuracy and perplexity of student (and teacher, and the KD loss) on fixed dev masks."""
+    collator = ChineseWWMCollator(tokenizer, args.mlm_probability, seed=collator_seed)
+    student.eval()
+    totals = {"n": 0, "student_nll": 0.0, "teacher_nll": 0.0, "student_correct": 0, "teacher_correct": 0,
+              "kd": 0.0, "agree": 0}
+    n_batches = min(args.eval_batches, math.ceil(len(dev) / args.batch_size))
+    for b in range(n_batches):
+        rows = dev[b * args.batch_size : (b + 1) * args.batch_size]
+        batch = to_device(collator([dict(zip(rows, v)) for v in zip(*rows.values())]), device)
+        select = batch["labels"] != -100
+        labels = batch["labels"][select]
+        with autocast:
+            ls, _, _ = masked_lm_forward(student, batch, select, False, False)
+            lt, _, _ = teacher_forward(teacher, batch, select, False, False)
+        ls = ls.float()
+        totals["n"] += labels.numel()
+        totals["student_nll"] += F.cross_entropy(ls, labels, reduction="sum").item()
+        totals["student_correct"] += (ls.argmax(-1) == labels).sum().item()
+        if lt is not None:
+            lt = lt.float()
+            totals["teacher_nll"] += F.cross_entropy(lt, labels, reduction="sum").item()
+            totals["teacher_correct"] += (lt.argmax(-1) == labels).sum().item()
+            totals["agree"] += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
+            totals["kd"] += KD_LOSSES[args.kd_loss](ls, lt, args.temperature).item() * labels.numel()
+    student.train()
+    n = max(totals["n"], 1)
+    result = {
+        "student_mlm_accuracy": totals["student_correct"] / n,
+        "student_mlm_loss": totals["student_nll"] / n,
+        "student_perplexity": math.exp(min(totals["student_nll"] / n, 50)),
+    }
+    if teacher is not None:
+        result |= {
+            "teacher_mlm_accuracy": totals["teacher_correct"] / n,
+            "teacher_perplexity": math.exp(min(totals["teacher_nll"] / n, 50)),
+            "top1_agreement": totals["agree"] / n,
+            "kd_loss": totals["kd"] / n,
+        }
+    return result | {"tokens": totals["n"]}
+
+
+def check_teacher(teacher: BertForMaskedLM, student: BertForMaskedLM, data, tokenizer, args: DistillArguments,
+                  device: torch.device, autocast) -> dict:
+    """Before step 1: the teacher's masked-token accuracy on held-out text (the train split when there is no dev
+    split), printed, and refused below --min_teacher_accuracy: a teacher whose MLM head is untrained teaches
+    noise for days."""
+    split = "validation" if data.get("validation") is not None and len(data["validation"]) else "train"
+    result = evaluate(student, teacher, data[split], args.seed + 1, tokenizer, args, device, autocast)
+    acc = result["teacher_mlm_accuracy"]
+    tqdm.write(f"teacher check: masked-token accuracy {100 * acc:.2f}% on {result['tokens']} {split} tokens "
+               f"(floor --min_teacher_accuracy {100 * args.min_teacher_accuracy:g}%; chance "
+               f"{100 / teacher.config.vocab_size:.3f}%)")
+    if acc < args.min_teacher_accuracy:
+        raise CorpusError(f"the teacher {args.teacher} predicts only {100 * acc:.2f}% of masked tokens on the "
+                          f"{split} split, below --min_teacher_accuracy {args.min_teacher_accuracy:g}: is its MLM "
+                          f"head trained, and its vocab the dataset's? Pass --min_teacher_accuracy 0 to distil "
+                          f"from it anyway")
+    return result

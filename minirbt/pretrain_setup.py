@@ -1,0 +1,262 @@
+"""What a pretraining run is, before it trains: its arguments, their checks, and its claim on output_dir.
+
+``pretraining/train.py`` parses :class:`DistillArguments`; :func:`minirbt.trainer.train` runs them. Everything
+here is decided from the arguments, configs and files alone, before any weights are loaded: a refused run
+leaves its output folder as it was (``minirbt.stages``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minirbt import stages
+from minirbt.checkpoints import checkpoint_step, checkpoints
+from minirbt.cli import OVERWRITE_HELP, check_device, check_ranges
+from minirbt.data import MANIFEST, dataset_fingerprint
+from minirbt.distill import DistillConfig
+from minirbt.matches import KD_LOSSES, check_matches, resolve_matches
+from minirbt.modeling import check_model_folder, load_config, resolve_model
+from minirbt.textio import CorpusError
+from minirbt.tokenization import load_tokenizer, vocab_fingerprint
+
+SUMMARY_NAME = stages.TRAINING_SUMMARY
+# What a training run writes into its output_dir (removed when --overwrite_output replaces the run).
+RUN_FILES = ("checkpoint-*", ".checkpoint-*", ".final-*", "runs", SUMMARY_NAME, "config.json", "model.safetensors",
+             "vocab.txt", "tokenizer_config.json")
+
+
+# Settings of a training run that --accept_changed may let a resumed run continue under.
+RESUME_CHANGEABLE = ("max_steps",)
+# Settings that do not change the trained weights: never part of the run's record.
+NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "save_steps",
+                "save_total_limit", "eval_steps", "eval_batches", "logging_steps", "on_nonfinite",
+                "min_teacher_accuracy", "max_skipped_steps", "resume", "device", "overwrite_output", "accept_changed",
+                "gradient_accumulation_steps")
+
+
+@dataclass
+class DistillArguments:
+    dataset: str = field(metadata={"help": "Dataset folder from pretraining/my_datasets.py."})
+    output_dir: str = field(metadata={"help": "Where the student, checkpoints and TensorBoard logs go."})
+    teacher: str | None = field(default=None, metadata={
+        "help": "Teacher: a model folder (a stage-1 output works as-is) or a Hugging Face model id such as "
+                "hfl/chinese-roberta-wwm-ext. Without it: plain MLM pretraining."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Vocab folder (default: the teacher's, else --student_init's)."})
+    student_config: str | None = field(default=None, metadata={
+        "help": "Student config: a JSON file or a shipped name (rbt6, minirbt_h256, ...); random init."})
+    student_init: str | None = field(default=None, metadata={
+        "help": "Student model folder (e.g. from scripts/init_checkpoint_TA.py) or model id to start from."})
+    matches: list[str] = field(default_factory=list, metadata={
+        "nargs": "*", "help": "Intermediate matches: preset names, JSON files or JSON lists."})
+    temperature: float = field(default=8.0, metadata={"help": "Softmax temperature of the KD loss."})
+    kd_loss: str = field(default="ce", metadata={"help": "KD loss: ce (soft cross-entropy) or mse."})
+    kd_weight: float | None = field(default=None, metadata={
+        "help": "Weight of the KD loss (default 1 with a teacher, 0 without)."})
+    mlm_weight: float | None = field(default=None, metadata={
+        "help": "Weight of the hard-label MLM loss (default 0 with a teacher, 1 without)."})
+    max_steps: int = field(default=100_000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=4e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay (not on biases, LayerNorm or match projections)."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (MiniRBT: 1e-6)."})
+    adam_bias_correction: bool = field(default=False, metadata={
+        "help": "Bias-corrected Adam moments (PyTorch's AdamW). Default off: MiniRBT's transformers-4 "
+                "AdamW(correct_bias=False), see minirbt/optim.py."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of max_steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens chosen for prediction."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (losses in fp32)."})
+    save_steps: int = field(default=1000, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int = field(default=3, metadata={"help": "Checkpoints kept (the newest)."})
+    eval_steps: int = field(default=1000, metadata={"help": "Dev evaluation every N steps (0: never)."})
+    eval_batches: int = field(default=50, metadata={"help": "Dev batches per evaluation."})
+    min_teacher_accuracy: float = field(default=0.01, metadata={
+        "help": "Before step 1 the teacher's masked-token accuracy on the dev split is measured and printed; "
+                "below this floor (chance is ~0.005%; an untrained MLM head scores about that) the run is "
+                "refused. 0: distil anyway."})
+    logging_steps: int = field(default=50, metadata={"help": "TensorBoard scalars every N steps."})
+    on_nonfinite: str = field(default="stop", metadata={
+        "help": "A NaN/inf loss or gradient: 'stop' (default; the last checkpoint is kept) or 'skip' the step."})
+    max_skipped_steps: int = field(default=100, metadata={"help": "With --on_nonfinite skip: give up after N."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+    seed: int = field(default=42, metadata={"help": "Seed of data order, masks, dropout and init."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
+    overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
+    accept_changed: list[str] = field(default_factory=list, metadata={
+        "nargs": "*", "help": f"With --resume: settings allowed to differ from the run's record "
+                              f"({', '.join(RESUME_CHANGEABLE)}; e.g. to continue a run to more steps)."})
+
+    def __post_init__(self):
+        check_ranges(self, at_least_1=("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps",
+                                       "eval_batches", "logging_steps"),
+                     non_negative=("kd_weight", "mlm_weight", "weight_decay", "eval_steps", "save_total_limit",
+                                   "max_skipped_steps", "seed"),
+                     positive=("temperature", "learning_rate", "max_grad_norm", "adam_epsilon"),
+                     probability=("mlm_probability",), fraction=("warmup_ratio", "min_teacher_accuracy"))
+
+    def distill_config(self, matches: list[dict]) -> DistillConfig:
+        """The loss of this run (after :func:`check_inputs` has set the weights' defaults)."""
+        return DistillConfig(self.temperature, kd_loss_type=self.kd_loss, kd_loss_weight=self.kd_weight,
+                             hard_label_weight=self.mlm_weight, intermediate_matches=matches)
+
+
+# ------------------------------------------------------------------ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> tuple[Dist, torch.device]:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain python runs one process."""
+    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+             int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+        dev = torch.device("cuda", d.local_rank)
+    else:
+        dev = torch.device("cpu")
+    if d.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return d, dev
+
+
+# ------------------------------------------------------------------ setup checks
+def check_inputs(args: DistillArguments) -> None:
+    for name in ("teacher", "student_init", "tokenizer"):  # local folders or Hugging Face model ids
+        setattr(args, name, resolve_model(getattr(args, name), f"--{name}"))
+    if (args.student_config is None) == (args.student_init is None):
+        raise CorpusError("give exactly one of --student_config (random init) or --student_init (a model folder)")
+    if args.teacher is None:
+        if args.kd_weight or args.matches:
+            raise CorpusError("--kd_weight and --matches need a --teacher")
+        if args.mlm_weight == 0:
+            raise CorpusError("without --teacher the only loss is MLM: --mlm_weight must be positive")
+        if args.tokenizer is None and args.student_init is None:
+            raise CorpusError("without --teacher, give --tokenizer (a folder with vocab.txt) for the student")
+        args.kd_weight, args.mlm_weight = 0.0, 1.0 if args.mlm_weight is None else args.mlm_weight
+    else:
+        args.kd_weight = 1.0 if args.kd_weight is None else args.kd_weight
+        args.mlm_weight = 0.0 if args.mlm_weight is None else args.mlm_weight
+        check_model_folder(args.teacher, "teacher")
+    if args.kd_weight == 0 and args.mlm_weight == 0 and not args.matches:
+        raise CorpusError("every loss weight is 0: set --kd_weight, --mlm_weight or --matches")
+    if args.kd_loss not in KD_LOSSES:
+        raise CorpusError(f"--kd_loss must be one of {', '.join(KD_LOSSES)}")
+    check_device(args.device)
+    if args.on_nonfinite not in ("stop", "skip"):
+        raise CorpusError(f"--on_nonfinite must be stop or skip, not {args.on_nonfinite!r}")
+    if not (Path(args.dataset) / MANIFEST).is_file():
+        raise CorpusError(f"--dataset {args.dataset} is not a dataset made by pretraining/my_datasets.py")
+    if args.student_init:
+        check_model_folder(args.student_init, "--student_init")
+    if args.tokenizer is not None and not (Path(args.tokenizer) / "vocab.txt").is_file():
+        raise CorpusError(f"--tokenizer {args.tokenizer} has no vocab.txt")
+
+
+def run_request(args: DistillArguments, world: int, matches: list[dict]) -> dict:
+    """The settings and input contents that determine a training run's weights (its record, minirbt.stages)."""
+    settings = {k: v for k, v in asdict(args).items() if k not in NOT_RECORDED}
+    settings["micro_batches_per_step"] = args.gradient_accumulation_steps * world  # 1 x A=2 equals 2 x A=1
+    settings["matches"] = matches
+    settings["student_config"] = load_config(args.student_config).to_diff_dict() if args.student_config else None
+    settings["vocab"] = stages.file_fingerprint(Path(args.tokenizer or args.teacher or args.student_init)
+                                                / "vocab.txt")
+    inputs = {"dataset": stages.input_entry(args.dataset, dataset_fingerprint(args.dataset))}
+    for name in ("teacher", "student_init"):
+        folder = getattr(args, name)
+        if folder:
+            inputs[name] = stages.input_entry(folder, stages.model_fingerprint(folder))
+    return {"settings": settings, "inputs": inputs}
+
+
+def decide_run(args: DistillArguments, d: Dist, matches: list[dict]) -> tuple[stages.Claim, dict]:
+    """What this run may do with output_dir (minirbt.stages): refuses inputs, foreign folders and other settings.
+    Writes nothing (see :func:`take_run`), so a request refused later leaves the folder as it was."""
+    request = run_request(args, d.world, matches)
+    inputs = [("--teacher", args.teacher), ("--student_init", args.student_init), ("--dataset", args.dataset),
+              ("--tokenizer", args.tokenizer)]
+    if args.student_config and Path(args.student_config).is_file():
+        inputs.append(("--student_config", args.student_config))
+    claim = stages.claim(stages.TRAINING_RUN, args.output_dir, request, inputs=inputs,
+                         overwrite=args.overwrite_output, resume=args.resume, accept_changed=args.accept_changed,
+                         acceptable=RESUME_CHANGEABLE, has_progress=lambda p: bool(checkpoints(p)))
+    found = checkpoints(Path(args.output_dir)) if claim.state == "resume" else []
+    if found and checkpoint_step(found[-1]) > args.max_steps:
+        raise CorpusError(f"--max_steps {args.max_steps} is below the step of the newest checkpoint, {found[-1]} "
+                          f"(step {checkpoint_step(found[-1])}): nothing to do; give a larger --max_steps")
+    return claim, request
+
+
+def take_run(claim: stages.Claim, request: dict, d: Dist) -> None:
+    """On rank 0: remove a replaced run's files and record this request (incomplete until the final write)."""
+    if d.main:
+        out = claim.path
+        if claim.state == "replace":
+            stages.clear_output(stages.TRAINING_RUN, out, RUN_FILES)
+        out.mkdir(parents=True, exist_ok=True)
+        changed = [{"setting": n, "old": a, "new": b} for n, a, b in claim.accepted]
+        history = (claim.record or {}).get("changed_on_resume", []) + changed if claim.state == "resume" else []
+        stages.write_record(stages.TRAINING_RUN, out, request, complete=False, changed_on_resume=history)
+    if d.world > 1:
+        dist.barrier()  # the record exists before any rank goes on
+
+
+def vocab_check(tokenizer, vocab_dir: str, dataset_dir: str, student_vocab: int, teacher_vocab: int | None) -> None:
+    record = stages.read_record(stages.DATASET, dataset_dir)
+    if record is None:
+        raise CorpusError(f"--dataset {dataset_dir} is not a dataset made by pretraining/my_datasets.py")
+    if record["settings"]["vocab"] != vocab_fingerprint(tokenizer):
+        raise CorpusError(f"vocab mismatch: the dataset {dataset_dir} was tokenized with another vocab than "
+                          f"{vocab_dir}/vocab.txt; rebuild it with --tokenizer {vocab_dir}")
+    if student_vocab < len(tokenizer):
+        raise CorpusError(f"vocab mismatch: the student has vocab_size {student_vocab}, {vocab_dir}/vocab.txt "
+                          f"has {len(tokenizer)} tokens")
+    if teacher_vocab is not None and student_vocab != teacher_vocab:
+        raise CorpusError(f"vocab mismatch: the student has vocab_size {student_vocab}, the teacher {teacher_vocab}")
+
+
+def model_configs(args: DistillArguments) -> tuple:
+    """(teacher config or None, student config), from the folders or --student_config."""
+    teacher_conf = load_config(Path(args.teacher) / "config.json") if args.teacher else None
+    student_conf = load_config(Path(args.student_init) / "config.json" if args.student_init else args.student_config)
+    return teacher_conf, student_conf
+
+
+def run_matches(args: DistillArguments) -> list[dict]:
+    """--matches resolved; a rule (``uniform_hidden_mse``) from the teacher's and the student's shapes."""
+    teacher_conf, student_conf = model_configs(args)
+    shapes = None if teacher_conf is None else (teacher_conf.num_hidden_layers, student_conf.num_hidden_layers,
+                                                teacher_conf.hidden_size, student_conf.hidden_size)
+    return resolve_matches(args.matches, shapes)
+
+
+def check_shapes(args: DistillArguments, matches: list[dict]) -> None:
+    """Everything that the configs and the vocab decide, before the run claims its output."""
+    teacher_conf, student_conf = model_configs(args)
+    vocab_dir = args.tokenizer or args.teacher or args.student_init
+    vocab_check(load_tokenizer(vocab_dir), vocab_dir, args.dataset, student_conf.vocab_size,
+                 teacher_conf.vocab_size if teacher_conf is not None else None)
+    if teacher_conf is not None:
+        check_matches(matches, teacher_conf.num_hidden_layers, student_conf.num_hidden_layers,
+                      teacher_conf.hidden_size, student_conf.hidden_size,
+                      teacher_conf.num_attention_heads, student_conf.num_attention_heads)
+    length = stages.read_record(stages.DATASET, args.dataset)["settings"]["max_seq_length"]
+    for what, conf in (("--teacher", teacher_conf), ("student", student_conf)):
+        if conf is not None and length > conf.max_position_embeddings:
+            raise CorpusError(f"the dataset {args.dataset} has sequences of {length} tokens, longer than the "
+                              f"{what}'s max_position_embeddings {conf.max_position_embeddings}")

@@ -1,0 +1,231 @@
+"""A recipe: the whole two-stage distillation as one TOML file (``pretraining/recipes/*.toml``).
+
+A recipe lists the model shapes, the stages (who teaches whom, from which start, with which
+matches), and the settings of each job by the names of its script's flags: ``[distill]`` and
+``[stand_in]`` hold ``pretraining/train.py`` settings (:class:`minirbt.pretrain_setup.DistillArguments`),
+``[finetune]`` ``finetuning/run_classification.py`` settings. What a recipe does not set is the
+script's default, so each default exists once, in the script's argument class. A recipe may
+``extends = "other.toml"`` and write only what differs (tables are merged key by key).
+
+Read by ``scripts/demo.py`` (:mod:`minirbt.pipeline`, every stage in-process) and by
+``pretraining/train.py --recipe FILE --stage NAME`` (what ``pretraining/distill.sh`` runs, and
+``python -m minirbt.recipe stages FILE`` lists the stages for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from minirbt.textio import CorpusError
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "pretraining" / "recipes"
+# train.py flags a recipe may not set: where things are (given per run), and how a run treats its folder.
+NOT_RECIPE = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "resume",
+              "overwrite_output", "accept_changed", "device")
+TEACHER = "teacher"  # the stages' name for the recipe's teacher (the given folder, or the demo's stand-in)
+
+
+@dataclass
+class Stage:
+    """One distillation run: ``teacher`` (TEACHER or an earlier stage; None: MLM only) -> ``name``."""
+
+    name: str
+    title: str
+    header: str | None = None
+    teacher: str | None = None
+    student_init: str | None = None  # the teacher assistant, [ta_init] name
+    student_config: str | None = None  # a key of [models]
+    matches: str | list[str] | None = None
+    baseline: bool = False  # a comparison only: the demo runs it, distill.sh does not
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    max_seq_length: int
+    segmenter: str
+    ltp_epochs: int
+    corpus: dict
+    models: dict[str, str | dict]
+    distill: dict
+    ta_init: dict
+    stages: list[Stage]
+    finetune: dict
+    stand_in: dict = field(default_factory=dict)
+    compare: list[list[str]] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+    global_batch: int | None = None
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise CorpusError(f"{self.path}: no stage {name!r} (stages: {', '.join(s.name for s in self.stages)})")
+
+    @property
+    def ta_init_name(self) -> str:
+        return self.ta_init.get("name", "ta_init")
+
+    def model_config(self, key: str) -> dict:
+        """A [models] entry as a config dict: a shipped config name, or fields over ``base``."""
+        from minirbt.modeling import config_path
+
+        spec = self.models[key]
+        if isinstance(spec, str):
+            return json.loads(config_path(spec).read_text())
+        spec = dict(spec)
+        base = json.loads(config_path(spec.pop("base")).read_text()) if "base" in spec else {}
+        return base | spec
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file, or the name of a shipped one (quick, demo, minirbt)."""
+    p = Path(name_or_path)
+    if p.suffix != ".toml":
+        p = RECIPES / f"{name_or_path}.toml"
+    if not p.is_file():
+        shipped = ", ".join(sorted(f.stem for f in RECIPES.glob("*.toml")))
+        raise CorpusError(f"recipe not found: {name_or_path} (a .toml file, or one of {shipped})")
+    return p
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        raise CorpusError(f"{path}: 'extends' loops back to itself")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise CorpusError(f"{path}: not valid TOML ({e})") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _merge(_read(recipe_path(path.parent / parent), (*seen, path.resolve())), data)
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read and check a recipe: unknown keys, stages that name no model or no earlier stage, and flags the
+    scripts do not have are refused, naming the file and the key."""
+    path = recipe_path(name_or_path)
+    data = _read(path)
+    known = {f.name for f in fields(Recipe)} - {"path"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CorpusError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    missing = [f.name for f in fields(Recipe) if f.name in known and f.name not in data
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise CorpusError(f"{path}: missing key(s) {', '.join(missing)}")
+    stage_keys = {f.name for f in fields(Stage)}
+    stages = []
+    for i, raw in enumerate(data.pop("stages")):
+        bad = sorted(set(raw) - stage_keys)
+        if bad:
+            raise CorpusError(f"{path}: stages[{i}] has unknown key(s) {', '.join(bad)}")
+        stages.append(Stage(**raw))
+    recipe = Recipe(path=path, stages=stages, **data)
+    _check(recipe)
+    return recipe
+
+
+def _check(r: Recipe) -> None:
+    from minirbt.classification import ClassificationArguments
+    from minirbt.pretrain_setup import DistillArguments
+
+    train_flags = {f.name for f in fields(DistillArguments)} - set(NOT_RECIPE)
+    for table in ("distill", "stand_in"):
+        bad = sorted(set(getattr(r, table)) - train_flags)
+        if bad:
+            raise CorpusError(f"{r.path}: [{table}] {', '.join(bad)}: not a train.py setting a recipe may give "
+                              f"(python pretraining/train.py --help)")
+    ft_flags = {f.name for f in fields(ClassificationArguments)} - {"task", "model", "train_file", "dev_file",
+                                                                   "output_dir", "test_file"}
+    bad = sorted(set(r.finetune) - ft_flags - {"learning_rates"})
+    if bad:
+        raise CorpusError(f"{r.path}: [finetune] {', '.join(bad)}: not a run_classification.py setting")
+    done = {TEACHER, r.ta_init_name}
+    for s in r.stages:
+        if s.teacher is not None and s.teacher not in done:
+            raise CorpusError(f"{r.path}: stage {s.name!r}: teacher {s.teacher!r} is neither {TEACHER!r} nor an "
+                              f"earlier stage")
+        if (s.student_init is None) == (s.student_config is None):
+            raise CorpusError(f"{r.path}: stage {s.name!r}: give exactly one of student_init or student_config")
+        if s.student_init is not None and s.student_init not in done:
+            raise CorpusError(f"{r.path}: stage {s.name!r}: student_init {s.student_init!r} is neither "
+                              f"{r.ta_init_name!r} nor an earlier stage")
+        if s.student_config is not None and s.student_config not in r.models:
+            raise CorpusError(f"{r.path}: stage {s.name!r}: student_config {s.student_config!r} is not in "
+                              f"[models] ({', '.join(r.models)})")
+        if s.teacher is None and s.matches:
+            raise CorpusError(f"{r.path}: stage {s.name!r}: matches need a teacher")
+        done.add(s.name)
+    for pair in r.compare:
+        if len(pair) != 3 or not {pair[0], pair[1]} <= done:
+            raise CorpusError(f"{r.path}: compare entry {pair!r}: expected [stage, stage, what]")
+
+
+def stage_matches(stage: Stage) -> list[str]:
+    """The stage's matches as train.py's --matches list (preset names, a rule name or JSON)."""
+    if stage.matches is None:
+        return []
+    return [stage.matches] if isinstance(stage.matches, str) else list(stage.matches)
+
+
+def train_settings(recipe: Recipe, stage: Stage | None) -> dict:
+    """The train.py settings the recipe gives a stage (None: the demo's teacher stand-in)."""
+    if stage is None:
+        return dict(recipe.stand_in)
+    return dict(recipe.distill) | ({"matches": stage_matches(stage)} if stage.matches else {})
+
+
+# ------------------------------------------------------------------ for pretraining/distill.sh
+def _stages_command(argv: list[str]) -> None:
+    """One line per stage (not the baselines): name, teacher, student flag, student, for the shell to loop over."""
+    ap = argparse.ArgumentParser(prog="python -m minirbt.recipe stages")
+    ap.add_argument("recipe")
+    ap.add_argument("--what", choices=["stages", "ta_init", "global_batch"], default="stages")
+    args = ap.parse_args(argv)
+    r = load_recipe(args.recipe)
+    if args.what == "global_batch":
+        print(r.global_batch or "")
+        return
+    if args.what == "ta_init":
+        config = r.models.get("ta")
+        if not isinstance(config, str):
+            raise CorpusError(f"{r.path}: [models] ta must be a shipped config name for distill.sh")
+        print(r.ta_init_name, config, r.ta_init.get("layer_map", "uniform"))
+        return
+    for s in r.stages:
+        if s.baseline:
+            continue
+        if s.student_init:
+            student = ("--student_init", s.student_init)
+        elif isinstance(r.models[s.student_config], str):
+            student = ("--student_config", r.models[s.student_config])
+        else:
+            raise CorpusError(f"{r.path}: [models] {s.student_config} must be a shipped config name for distill.sh")
+        print(s.name, s.teacher or "-", *student)
+
+
+if __name__ == "__main__":
+    from minirbt.cli import run
+
+    def main() -> None:
+        if len(sys.argv) < 2 or sys.argv[1] != "stages":
+            raise CorpusError("usage: python -m minirbt.recipe stages RECIPE [--what stages|ta_init]")
+        _stages_command(sys.argv[2:])
+
+    run(main)
