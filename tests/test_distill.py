@@ -267,19 +267,24 @@ def test_distill_sh_dry_run_for_two_nodes_of_eight_gpus(tmp_path):
         assert "global batch 4096 = 32 per GPU x 8 GPUs x 2 nodes x 8 accumulation" in proc.stdout
     launch = (f"python3 -m torch.distributed.run --nnodes 2 --node_rank {{}} --nproc_per_node 8 --master_addr "
               f"10.1.2.3 --master_port 29555 {ROOT}/pretraining/train.py")
+    recipe = f"--recipe {ROOT}/pretraining/recipes/minirbt.toml --stage "
     for rank, cmds in nodes.items():
         assert len(cmds) == 4  # teacher assistant (or waiting for it), stage 1, two stage-2 runs
-        for cmd in cmds[1:]:
-            assert cmd.startswith(launch.format(rank)) and "--gradient_accumulation_steps 8 " in cmd
-            assert "--resume" in cmd and "--bf16" in cmd and "--batch_size 32 " in cmd
+        for cmd, stage in zip(cmds[1:], ("rbt6", "minirbt_h256", "minirbt_h288")):
+            assert cmd.startswith(launch.format(rank) + " " + recipe + stage + " ")
+            assert "--gradient_accumulation_steps 8 " in cmd and "--resume" in cmd and "--batch_size 32 " in cmd
+            # the recipe's settings are train.py's to read: none is repeated on the command line
+            assert "--temperature" not in cmd and "--bf16" not in cmd and "--max_steps" not in cmd
+    assert "--student_config minirbt_h288 " in nodes["0"][3]
     assert nodes["0"][0].startswith(f"python3 {ROOT}/scripts/init_checkpoint_TA.py --teacher {tmp_path}/teacher")
     assert nodes["1"][0].endswith(f"python3 -m minirbt.stages wait 'model folder' {tmp_path}/out/rbt6_init "
                                   "--timeout 86400")
     assert "--teacher " + str(tmp_path / "out" / "rbt6") in nodes["0"][2]
     # one node: torchrun's --standalone (no fixed port shared with another job); accumulation from the GPUs
-    one = dry(NPROC="8")
+    one = dry(NPROC="8", TEMPERATURE="4", BF16="0", STEPS="10")
     assert "-m torch.distributed.run --standalone --nproc_per_node 8 " in one.stdout
     assert "--gradient_accumulation_steps 16 " in one.stdout
+    assert one.stdout.count(" --max_steps 10 --temperature 4 --bf16 false") == 3  # overrides, every stage
     # a global batch that does not divide is refused, not rounded; several nodes need node 0's address
     bad = dry(PER_DEVICE_BATCH="48")
     assert bad.returncode == 2 and "not a multiple of PER_DEVICE_BATCH x NPROC x NNODES" in bad.stderr

@@ -181,3 +181,44 @@ def test_clear_errors(senti, finetuned, tmp_path):
     for args, message in cases:
         proc = run_script("finetuning/run_classification.py", *args, *common, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_mrc_test_file_and_resume_after_a_failed_checkpoint(shared_data, tmp_path, monkeypatch):
+    """run_mrc.py has the common features: a labelled --test_file is scored per seed, an unlabelled one predicted;
+    an interrupted run resumes at its last epoch checkpoint and ends as an uninterrupted one."""
+    from minirbt.mrc import MRCArguments, run_mrc
+
+    doc = json.loads((shared_data / "cmrc2018" / "trial.json").read_text(encoding="utf-8"))
+    (tmp_path / "train.json").write_text(json.dumps({"data": doc["data"][:6]}, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "dev.json").write_text(json.dumps({"data": doc["data"][6:9]}, ensure_ascii=False), encoding="utf-8")
+    unanswered = {"data": [{"paragraphs": [{"context": p["context"], "qas": [{"id": q["id"], "question": q["question"]}
+                                                                           for q in p["qas"]]}
+                                           for p in d["paragraphs"]]} for d in doc["data"][9:11]]}
+    (tmp_path / "test.json").write_text(json.dumps(unanswered, ensure_ascii=False), encoding="utf-8")
+    save_model_folder(tiny_bert(layers=1, hidden=32, heads=2, ffn=64, seed=2), default_vocab_path(), tmp_path / "m")
+
+    def args(out, test, **kw):
+        return MRCArguments(task="cmrc2018", model=str(tmp_path / "m"), train_file=str(tmp_path / "train.json"),
+                            dev_file=str(tmp_path / "dev.json"), test_file=str(tmp_path / test),
+                            output_dir=str(tmp_path / out), max_seq_length=128, doc_stride=32, learning_rate=1e-3,
+                            **({"epochs": 2, "seeds": "1,2"} | kw))
+
+    straight = run_mrc(args("straight", "dev.json"))
+    assert straight["test_f1"] == pytest.approx(straight["f1"])  # the dev file as test: the same questions
+    assert [r["test_em"] for r in straight["per_seed"]] == [r["em"] for r in straight["per_seed"]]
+    assert set(json.loads((tmp_path / "straight" / "test_predictions.json").read_text())) == \
+        set(json.loads((tmp_path / "straight" / "dev_predictions.json").read_text()))
+    # a full disk at seed 1's second epoch checkpoint; then --resume
+    monkeypatch.setenv("MINIRBT_FAULT", "finetune.checkpoint:2:enospc")
+    with pytest.raises(OSError):
+        run_mrc(args("killed", "dev.json"))
+    monkeypatch.delenv("MINIRBT_FAULT")
+    assert (tmp_path / "killed" / "checkpoints" / "seed-1-epoch-1").is_dir()
+    resumed = run_mrc(args("killed", "dev.json", resume=True))
+    assert [r["history"] for r in resumed["per_seed"]] == [r["history"] for r in straight["per_seed"]]
+    assert resumed["f1"] == straight["f1"] and not (tmp_path / "killed" / "checkpoints").exists()
+    # questions without answers: predicted, not scored
+    unscored = run_mrc(args("unanswered", "test.json", seeds="1", epochs=1))
+    preds = json.loads((tmp_path / "unanswered" / "test_predictions.json").read_text())
+    assert "test_f1" not in unscored and len(preds) == sum(len(p["qas"]) for d in unanswered["data"]
+                                                           for p in d["paragraphs"])
