@@ -157,6 +157,19 @@ def hf_script(corpus: Path, output: Path, ltp, bert_tokenizer) -> None:
         f.writelines([json.dumps(ref) + "\n" for ref in ref_ids])
 
 
+def time_project(spec: RefSpec, workers: int, warm: Path, corpus: Path, tmp: Path) -> tuple[float, list]:
+    """The project's refs of ``corpus``, file to file, timed once its workers have loaded their models."""
+    # a fresh pool each time: workers remember recent lines, which must not carry over
+    with RefWriter(spec, num_workers=workers, progress=False) as writer:
+        writer.block_lines = 1
+        writer.write(warm, tmp / "warm_ref.txt")  # every worker has loaded its models
+        writer.block_lines = 2000
+        t0 = time.perf_counter()
+        writer.write(corpus, tmp / "corpus_ref.txt")
+        seconds = time.perf_counter() - t0
+    return seconds, [json.loads(x) for x in iter_lines(tmp / "corpus_ref.txt")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=40_000, help="Lines to use (at most what the sources hold).")
@@ -190,15 +203,8 @@ def main() -> None:
         warm = tmp / "warm.txt"  # text that is not in the corpus, to start the workers
         warm.write_text("\n".join(peoples_daily_sentences()[: 4 * args.workers]) + "\n", encoding="utf-8")
         for _ in range(args.repeats):  # interleaved, so both sides see the same machine
-            # a fresh pool each time: workers remember recent lines, which must not carry over
-            with RefWriter(spec, num_workers=args.workers, progress=False) as writer:
-                writer.block_lines = 1
-                writer.write(warm, tmp / "warm_ref.txt")  # every worker has loaded its models
-                writer.block_lines = 2000
-                t0 = time.perf_counter()
-                writer.write(corpus, tmp / "corpus_ref.txt")
-                proj.append(time.perf_counter() - t0)
-            ours = [json.loads(x) for x in iter_lines(tmp / "corpus_ref.txt")]
+            seconds, ours = time_project(spec, args.workers, warm, corpus, tmp)
+            proj.append(seconds)
 
             # baseline: the reference script, one process, file to file
             t0 = time.perf_counter()

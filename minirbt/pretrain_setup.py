@@ -109,9 +109,9 @@ class DistillArguments:
 
     def loss_weights(self) -> tuple[float, float]:
         """(kd_weight, mlm_weight), unset ones at their defaults: KD alone with a teacher, MLM alone without."""
-        if self.teacher is None:
-            return 0.0 if self.kd_weight is None else self.kd_weight, 1.0 if self.mlm_weight is None else self.mlm_weight
-        return 1.0 if self.kd_weight is None else self.kd_weight, 0.0 if self.mlm_weight is None else self.mlm_weight
+        kd_default, mlm_default = (1.0, 0.0) if self.teacher is not None else (0.0, 1.0)
+        return (kd_default if self.kd_weight is None else self.kd_weight,
+                mlm_default if self.mlm_weight is None else self.mlm_weight)
 
     def distill_config(self, matches: list[dict]) -> DistillConfig:
         """The loss of this run, in minirbt.distill's terms."""

@@ -80,9 +80,9 @@ def whole_word_ref(tokens: list[str] | str, words: Iterable[str]) -> list[int]:
     ``tokens`` is the token list or its token characters (one character per token,
     see :func:`minirbt.tokenization.token_chars`). The reference's scan - at each
     token, the longest word of the set that starts there, then on after it - is
-    leftmost-longest multi-pattern matching, which an Aho-Corasick automaton of the
-    line's words does in C (``pyahocorasick``'s ``iter_long``, checked against the
-    reference on random text in the tests). In token characters every non-CJK token
+    leftmost-longest multi-pattern matching over the matches an Aho-Corasick automaton
+    of the line's words finds in C (``pyahocorasick``; checked against the reference
+    on random text in the tests). In token characters every non-CJK token
     is a marker character, so a word matches only if it is all CJK: the filter of
     the reference comes for free, unless a word itself holds a marker character
     (a NUL in the text), which takes the explicit filter. A tokenizer that emits
@@ -102,8 +102,18 @@ def whole_word_ref(tokens: list[str] | str, words: Iterable[str]) -> list[int]:
     ref: list[int] = []
     if len(automaton):
         automaton.make_automaton()
-        for end, length in automaton.iter_long(line):
-            ref += range(end - length + 2, end + 1)  # every character after the word's first
+        # leftmost-longest from all matches: pyahocorasick's own iter_long misses a shorter word after two longer
+        # candidates that fail (line 中中中国, words 中中国国 中中中国国 中国: it finds nothing)
+        longest: dict[int, int] = {}  # start -> length of the longest word starting there
+        for end, length in automaton.iter(line):
+            start = end - length + 1
+            if length > longest.get(start, 0):
+                longest[start] = length
+        covered = 0
+        for start in sorted(longest):
+            if start >= covered:
+                ref += range(start + 1, start + longest[start])  # every character after the word's first
+                covered = start + longest[start]
     if HASH_CJK in line:
         # Tokens the tokenizer itself wrote as ## + one CJK character count too
         # (never produced with BERT's Chinese handling; kept for exactness).

@@ -50,6 +50,13 @@ _WORD = st.one_of(st.lists(st.sampled_from(_CJK), min_size=1, max_size=5).map(""
                   st.sampled_from(["", "中\x00国", "ok", "中ok", "\x00", "##中", "国\x01"]))
 
 
+def test_a_short_word_after_two_longer_candidates_that_fail():
+    """Found by the property test below: pyahocorasick's iter_long matched nothing here."""
+    tokens = ["[CLS]", "中", "中", "中", "国", "[SEP]"]
+    for words in (["中中国国", "中中中国国", "中国"], ["中中国[SEP]", "中中中国[SEP]", "中国"]):
+        assert whole_word_ref(tokens, words) == reference_ref(tokens, words) == [4]
+
+
 @settings(max_examples=3000, deadline=None)
 @given(tokens=st.lists(_TOKEN, max_size=24), words=st.lists(_WORD, max_size=6), data=st.data())
 def test_matching_equals_the_reference_scan(tokens, words, data):
