@@ -14,40 +14,23 @@ from pathlib import Path
 import numpy as np
 from transformers import BertForSequenceClassification
 
+from minirbt import finetune as ft
 from minirbt import stages
-from minirbt.checkpoints import SeedCheckpoints
 from minirbt.cli import check_ranges
 from minirbt.distill import classification_adaptor
-from minirbt.finetune import (
-    CommonArguments,
-    TaskRun,
-    check_common,
-    claim_output,
-    device_and_autocast,
-    finish_run,
-    finished_results,
-    fit_seeds,
-    kl,
-    predict,
-    quiet_load,
-    subsets,
-    write_jsonl,
-)
 from minirbt.tasks import LABELS, Example, read_classification
 from minirbt.textio import CorpusError
-from minirbt.tokenization import load_tokenizer
 
 EVAL_BATCH = 64
 
 
 @dataclass
-class ClassificationArguments(CommonArguments):
+class ClassificationArguments(ft.CommonArguments):
     """run_classification.py: the common flags and data augmentation for task distillation."""
 
     augment: int = field(default=0, metadata={"help": "Augmented variants per training example (needs --teacher)."})
     augment_prob: float = field(default=0.4, metadata={"help": "Probability of replacing each word."})
-    augment_mlm: str | None = field(default=None, metadata={
-        "help": "Masked-LM folder proposing replacements (default: --model if it has an MLM head)."})
+    augment_mlm: str | None = field(default=None, metadata={"help": "MLM folder proposing words (default: --model)."})
     augment_candidates: int = field(default=15, metadata={"help": "Candidates per word (TinyBERT: 15)."})
     segmenter: str = field(default="jieba", metadata={"help": "Word segmenter for --augment: jieba or ltp."})
     ltp_model: str | None = field(default=None, metadata={"help": "LTP folder for --segmenter ltp."})
@@ -95,22 +78,20 @@ def _augmented(args: ClassificationArguments, train_ex: list[Example], device) -
 def run_classification(args: ClassificationArguments) -> dict:
     if args.task not in LABELS:
         raise CorpusError(f"unknown classification task {args.task!r}: one of {', '.join(LABELS)}")
-    check_common(args)
+    ft.check_common(args)
     if not args.teacher and args.augment:
         raise CorpusError("--augment and --matches need --teacher (a fine-tuned teacher folder)")
     train_ex, train_rep, dev_ex, dev_rep, test_ex, test_rep = _read(args)
-    claim, _ = claim_output(args, stages.FINETUNE_RUN)
+    claim, _ = ft.claim_output(args, stages.FINETUNE_RUN)
     if claim.state == "done":
-        return finished_results(args)
-    train_ex, dev_ex = subsets(args, train_ex, dev_ex, [r for r in (train_rep, dev_rep, test_rep) if r])
-    device, autocast = device_and_autocast(args)
-    tokenizer = load_tokenizer(args.model)
+        return ft.finished_results(args)
+    train_ex, dev_ex, device, autocast, tokenizer = ft.prepare(args, train_ex, dev_ex, (train_rep, dev_rep, test_rep))
     n_labels = len(LABELS[args.task])
     attn = args.distill_config().attn_implementation
     attn_kw = {"attn_implementation": attn} if attn else {}
     teacher = None
     if args.teacher:
-        teacher = quiet_load(BertForSequenceClassification, args.teacher, **attn_kw).to(device).eval()
+        teacher = ft.quiet_load(BertForSequenceClassification, args.teacher, **attn_kw).to(device).eval()
         if teacher.config.num_labels != n_labels:
             raise CorpusError(f"teacher {args.teacher} has {teacher.config.num_labels} labels, task {args.task} "
                               f"has {n_labels}: is it fine-tuned on this task?")
@@ -121,44 +102,42 @@ def run_classification(args: ClassificationArguments) -> dict:
     gold = np.array([e.label for e in dev_ex])
     test_gold = np.array([e.label for e in test_ex]) if test_ex and all(e.label is not None for e in test_ex) \
         else None
-    teacher_dev = predict(teacher, dev_rows, pad_id, EVAL_BATCH, device, autocast) if teacher else None
+    teacher_dev = ft.predict(teacher, dev_rows, pad_id, EVAL_BATCH, device, autocast) if teacher else None
 
     def logits(model, rows):
-        return predict(model, rows, pad_id, EVAL_BATCH, device, autocast)
+        return ft.predict(model, rows, pad_id, EVAL_BATCH, device, autocast)
 
     def after_training(model, kl_before, record: dict) -> dict:
         fields = {}
         if teacher is not None:
-            fields["kl_to_teacher"] = {"before": kl_before, "after": kl(teacher_dev, logits(model, dev_rows))}
+            fields["kl_to_teacher"] = {"before": kl_before, "after": ft.kl(teacher_dev, logits(model, dev_rows))}
         if test_gold is not None:  # a labelled test file: score this seed's best-on-dev model on it
             fields["test_accuracy"] = float((logits(model, test_rows).argmax(-1) == test_gold).mean())
             print(f"seed {record['seed']}: test accuracy {fields['test_accuracy']:.4f} (epoch {record['best_epoch']})",
                   flush=True)
         return fields
 
-    task = TaskRun(
+    task = ft.TaskRun(
         BertForSequenceClassification, {"num_labels": n_labels, **attn_kw}, classification_adaptor,
         encode(tokenizer, train_ex, args.max_seq_length),
         score=lambda model: {"accuracy": float((logits(model, dev_rows).argmax(-1) == gold).mean())},
         metric="accuracy", recorded=("accuracy",), describe=lambda s: f"dev accuracy {s['accuracy']:.4f}",
-        before_training=(lambda model: kl(teacher_dev, logits(model, dev_rows))) if teacher is not None else None,
+        before_training=(lambda model: ft.kl(teacher_dev, logits(model, dev_rows))) if teacher is not None else None,
         after_training=after_training)
     t0 = time.perf_counter()
-    per_seed = fit_seeds(args, task, teacher, claim.state == "resume", device, autocast, pad_id)
+    per_seed = ft.fit_seeds(args, task, teacher, claim.state == "resume", device, autocast, pad_id)
     # the best seed's best epoch: predictions and the saved model
-    best_record = max(per_seed, key=lambda r: r["accuracy"])  # first of equals: seed order
-    model = quiet_load(BertForSequenceClassification, args.model, **task.load_kw).to(device)
-    model.load_state_dict(SeedCheckpoints(args.output_dir, best_record["seed"], True).best_weights())
+    best_record, model = ft.best_model(args, task, per_seed, device)
     labels = LABELS[args.task]
     out = Path(args.output_dir)
-    write_jsonl(out / "dev_predictions.jsonl", [{"id": e.guid, "label": labels[int(p)], "gold": labels[e.label]}
+    ft.write_jsonl(out / "dev_predictions.jsonl", [{"id": e.guid, "label": labels[int(p)], "gold": labels[e.label]}
                                                 for e, p in zip(dev_ex, logits(model, dev_rows).argmax(-1))])
     if test_rows:
-        write_jsonl(out / "test_predictions.jsonl", [{"id": e.guid, "label": labels[int(p)]}
+        ft.write_jsonl(out / "test_predictions.jsonl", [{"id": e.guid, "label": labels[int(p)]}
                                                      for e, p in zip(test_ex, logits(model, test_rows).argmax(-1))])
     results = _results(args, per_seed, best_record["seed"], gold, test_gold, n_labels, len(train_ex), len(dev_ex),
                        (train_rep, dev_rep, test_rep), time.perf_counter() - t0)
-    finish_run(args, stages.FINETUNE_RUN, model, results)
+    ft.finish_run(args, stages.FINETUNE_RUN, model, results)
     return results
 
 

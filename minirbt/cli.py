@@ -10,12 +10,29 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from minirbt.textio import CorpusError
 
 OVERWRITE_HELP = ("Replace an earlier output of this command that was made with other settings (inputs are never "
                   "replaced; a folder of anything else is always refused).")
+
+
+@dataclass(kw_only=True)
+class TrainingFlags:
+    """The flags every training script has, with one meaning and one default (pretraining/train.py,
+    finetuning/run_classification.py, finetuning/run_mrc.py); each script's own flags follow them."""
+
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay (not on biases, LayerNorm or match projections)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of the optimizer steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (global L2 norm)."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast of the forward passes (losses in fp32)."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue an interrupted run from its newest checkpoint in output_dir."})
+    overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
 
 
 def default_workers() -> int:

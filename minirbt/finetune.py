@@ -28,20 +28,21 @@ from transformers.utils import logging as hf_logging
 
 from minirbt import stages
 from minirbt.checkpoints import SeedCheckpoints, contiguous, finetuning_kept
-from minirbt.cli import OVERWRITE_HELP, check_device, check_ranges, parse_seeds
+from minirbt.cli import TrainingFlags, check_device, check_ranges, parse_seeds
 from minirbt.distill import DistillConfig, distill_terms, nonfinite_terms
 from minirbt.matches import build_projections, check_matches, resolve_matches
 from minirbt.modeling import check_model_folder, load_config, load_error, resolve_model, write_model_files
 from minirbt.optim import Optimization
 from minirbt.tasks import SMALL_MODEL_LR
 from minirbt.textio import CorpusError, atomic_path
+from minirbt.tokenization import load_tokenizer
 
 # Fine-tuning uses PyTorch's AdamW at its default epsilon, as the transformers fine-tuning examples do.
 FINETUNE_ADAM_EPSILON = 1e-8
 
 
 @dataclass
-class CommonArguments:
+class CommonArguments(TrainingFlags):
     """The flags of both fine-tuning scripts (run_classification.py and run_mrc.py)."""
 
     task: str = field(metadata={"help": "Task name (see --help of the script)."})
@@ -51,16 +52,12 @@ class CommonArguments:
     output_dir: str = field(metadata={"help": "results.json, predictions and the best model go here."})
     test_file: str | None = field(default=None, metadata={
         "help": "Optional test file: predictions written; when labelled, each seed's best-on-dev model is scored."})
-    learning_rate: float | None = field(default=None, metadata={
-        "help": "Default: MiniRBT's recommendation: 2e-5 for 12-layer 768-wide models, else 1e-4 (OCNLI 5e-5)."})
     epochs: int = field(default=3, metadata={"help": "Training epochs."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Default: MiniRBT's recommendation: 2e-5 for 12-layer 768-wide models, else 1e-4 (OCNLI 5e-5)."})
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per input (MRC: per window)."})
     seeds: str = field(default="1", metadata={"help": "Comma-separated seeds, e.g. 1,2,3."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (losses in fp32)."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not bias/LayerNorm)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N (quick runs)."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Score only the first N dev examples."})
     # task distillation
@@ -69,13 +66,9 @@ class CommonArguments:
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the soft cross-entropy."})
     hard_label_weight: float = field(default=0.0, metadata={"help": "Weight of the gold-label loss with --teacher."})
     matches: list[str] = field(default_factory=list, metadata={"nargs": "*", "help": "Intermediate matches."})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
-    resume: bool = field(default=False, metadata={
-        "help": "Continue from the checkpoints in output_dir/checkpoints (one per seed and epoch)."})
     max_unusable_share: float = field(default=0.1, metadata={
         "help": "Refuse a train or dev file when more than this share of its rows is unusable (no gold label, "
                 "bad fields, empty text, answers that do not match); every unusable row is counted either way."})
-    overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
 
     def __post_init__(self):
         check_ranges(self, at_least_1=("epochs", "batch_size", "max_seq_length", "max_train_examples",
@@ -194,21 +187,18 @@ def quiet_load(cls, folder: str, **kw):
         hf_logging.set_verbosity(level)
 
 
-def subsets(args: CommonArguments, train_ex: list, dev_ex: list, reports) -> tuple[list, list]:
-    """--max_*_examples, and what was read."""
+def prepare(args: CommonArguments, train_ex: list, dev_ex: list, reports) -> tuple:
+    """After the claim: --max_*_examples applied, what was read printed; the device, autocast and tokenizer."""
+    from contextlib import nullcontext
+
     train_ex = train_ex[: args.max_train_examples] if args.max_train_examples else train_ex
     dev_ex = dev_ex[: args.max_eval_examples] if args.max_eval_examples else dev_ex
     for rep in reports:
-        print(rep.summary(), flush=True)
-    return train_ex, dev_ex
-
-
-def device_and_autocast(args: CommonArguments) -> tuple[torch.device, object]:
-    from contextlib import nullcontext
-
+        if rep is not None:
+            print(rep.summary(), flush=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    return device, autocast
+    return train_ex, dev_ex, device, autocast, load_tokenizer(args.model)
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -357,6 +347,14 @@ def train_epoch(args: CommonArguments, task: TaskRun, model, teacher, config: Di
         optimization.clip()
         optimization.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def best_model(args: CommonArguments, task: TaskRun, per_seed: list[dict], device) -> tuple[dict, object]:
+    """The record of the best seed (first of equals: seed order) and its best-epoch model."""
+    best = max(per_seed, key=lambda r: r[task.metric])
+    model = quiet_load(task.model_class, args.model, **task.load_kw).to(device)
+    model.load_state_dict(SeedCheckpoints(args.output_dir, best["seed"], True).best_weights())
+    return best, model
 
 
 def finish_run(args: CommonArguments, kind: stages.Kind, model, results: dict) -> None:

@@ -15,24 +15,10 @@ from pathlib import Path
 import numpy as np
 from transformers import BertForQuestionAnswering
 
+from minirbt import finetune as ft
 from minirbt import stages
-from minirbt.checkpoints import SeedCheckpoints
 from minirbt.cli import check_ranges
 from minirbt.distill import span_adaptor
-from minirbt.finetune import (
-    CommonArguments,
-    TaskRun,
-    check_common,
-    claim_output,
-    device_and_autocast,
-    finish_run,
-    finished_results,
-    fit_seeds,
-    predict,
-    quiet_load,
-    subsets,
-    write_json,
-)
 from minirbt.tasks import BAD_ANSWER, MRCExample, cmrc_score, read_squad
 from minirbt.textio import CorpusError
 from minirbt.tokenization import load_tokenizer
@@ -41,7 +27,7 @@ EVAL_BATCH = 32
 
 
 @dataclass
-class MRCArguments(CommonArguments):
+class MRCArguments(ft.CommonArguments):
     """run_mrc.py: the common flags, windows of 512 tokens by default (MiniRBT's CMRC 2018 setting) and span
     decoding."""
 
@@ -130,15 +116,13 @@ def _read(args: MRCArguments) -> tuple:
 def run_mrc(args: MRCArguments) -> dict:
     if args.task not in ("cmrc2018", "drcd"):
         raise CorpusError(f"unknown reading-comprehension task {args.task!r}: cmrc2018 or drcd")
-    check_common(args)
+    ft.check_common(args)
     train_ex, train_rep, dev_ex, dev_rep, test_ex, test_rep = _read(args)
     check_windows(load_tokenizer(args.model), train_ex + dev_ex + (test_ex or []), args)
-    claim, _ = claim_output(args, stages.MRC_RUN)
+    claim, _ = ft.claim_output(args, stages.MRC_RUN)
     if claim.state == "done":
-        return finished_results(args)
-    train_ex, dev_ex = subsets(args, train_ex, dev_ex, [r for r in (train_rep, dev_rep, test_rep) if r])
-    device, autocast = device_and_autocast(args)
-    tokenizer = load_tokenizer(args.model)
+        return ft.finished_results(args)
+    train_ex, dev_ex, device, autocast, tokenizer = ft.prepare(args, train_ex, dev_ex, (train_rep, dev_rep, test_rep))
     pad_id = tokenizer.pad_token_id
     train_rows = mrc_features(tokenizer, train_ex, args, train=True)
     dev_rows = mrc_features(tokenizer, dev_ex, args, train=False)
@@ -146,11 +130,11 @@ def run_mrc(args: MRCArguments) -> dict:
     scored_test = bool(test_ex) and all(e.answers for e in test_ex)  # a test file with answers is scored
     attn = args.distill_config().attn_implementation
     attn_kw = {"attn_implementation": attn} if attn else {}
-    teacher = quiet_load(BertForQuestionAnswering, args.teacher, **attn_kw).to(device).eval() if args.teacher \
+    teacher = ft.quiet_load(BertForQuestionAnswering, args.teacher, **attn_kw).to(device).eval() if args.teacher \
         else None
 
     def predictions(model, examples, rows) -> dict[str, str]:
-        starts, ends = predict(model, rows, pad_id, EVAL_BATCH, device, autocast)
+        starts, ends = ft.predict(model, rows, pad_id, EVAL_BATCH, device, autocast)
         return decode(examples, rows, starts, ends, args.n_best, args.max_answer_length)
 
     def after_training(model, _before, record: dict) -> dict:
@@ -161,19 +145,17 @@ def run_mrc(args: MRCArguments) -> dict:
               f"{record['best_epoch']})", flush=True)
         return {"test_em": score["em"], "test_f1": score["f1"]}
 
-    task = TaskRun(BertForQuestionAnswering, attn_kw, span_adaptor, train_rows,
+    task = ft.TaskRun(BertForQuestionAnswering, attn_kw, span_adaptor, train_rows,
                    score=lambda model: cmrc_score(dev_ex, predictions(model, dev_ex, dev_rows)), metric="f1",
                    recorded=("em", "f1"), describe=lambda s: f"dev EM {s['em']:.2f} F1 {s['f1']:.2f}",
                    after_training=after_training)
     t0 = time.perf_counter()
-    per_seed = fit_seeds(args, task, teacher, claim.state == "resume", device, autocast, pad_id)
-    best_record = max(per_seed, key=lambda r: r["f1"])  # first of equals: seed order
-    model = quiet_load(BertForQuestionAnswering, args.model, **attn_kw).to(device)
-    model.load_state_dict(SeedCheckpoints(args.output_dir, best_record["seed"], True).best_weights())
+    per_seed = ft.fit_seeds(args, task, teacher, claim.state == "resume", device, autocast, pad_id)
+    best_record, model = ft.best_model(args, task, per_seed, device)
     out = Path(args.output_dir)
-    write_json(out / "dev_predictions.json", predictions(model, dev_ex, dev_rows))
+    ft.write_json(out / "dev_predictions.json", predictions(model, dev_ex, dev_rows))
     if test_ex:
-        write_json(out / "test_predictions.json", predictions(model, test_ex, test_rows))
+        ft.write_json(out / "test_predictions.json", predictions(model, test_ex, test_rows))
     results = {"task": args.task, "metric": "em/f1", "em": float(np.mean([r["em"] for r in per_seed])),
                "f1": float(np.mean([r["f1"] for r in per_seed])), "per_seed": per_seed,
                "best": {"em": max(r["em"] for r in per_seed), "f1": max(r["f1"] for r in per_seed)},
@@ -185,5 +167,5 @@ def run_mrc(args: MRCArguments) -> dict:
     if scored_test:
         results |= {"test_em": float(np.mean([r["test_em"] for r in per_seed])),
                     "test_f1": float(np.mean([r["test_f1"] for r in per_seed])), "test_questions": len(test_ex)}
-    finish_run(args, stages.MRC_RUN, model, results)
+    ft.finish_run(args, stages.MRC_RUN, model, results)
     return results

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from minirbt import stages
 from minirbt.checkpoints import checkpoint_step, checkpoints
-from minirbt.cli import OVERWRITE_HELP, check_device, check_ranges
+from minirbt.cli import TrainingFlags, check_device, check_ranges
 from minirbt.data import MANIFEST, dataset_fingerprint
 from minirbt.distill import DistillConfig
 from minirbt.matches import KD_LOSSES, check_matches, resolve_matches
@@ -40,7 +40,7 @@ NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init",
 
 
 @dataclass
-class DistillArguments:
+class DistillArguments(TrainingFlags):
     dataset: str = field(metadata={"help": "Dataset folder from pretraining/my_datasets.py."})
     output_dir: str = field(metadata={"help": "Where the student, checkpoints and TensorBoard logs go."})
     teacher: str | None = field(default=None, metadata={
@@ -64,32 +64,24 @@ class DistillArguments:
     batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=4e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.01, metadata={
-        "help": "AdamW weight decay (not on biases, LayerNorm or match projections)."})
     adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (MiniRBT: 1e-6)."})
     adam_bias_correction: bool = field(default=False, metadata={
         "help": "Bias-corrected Adam moments (PyTorch's AdamW). Default off: MiniRBT's transformers-4 "
                 "AdamW(correct_bias=False), see minirbt/optim.py."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of max_steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens chosen for prediction."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (losses in fp32)."})
     save_steps: int = field(default=1000, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Checkpoints kept (the newest)."})
     eval_steps: int = field(default=1000, metadata={"help": "Dev evaluation every N steps (0: never)."})
     eval_batches: int = field(default=50, metadata={"help": "Dev batches per evaluation."})
     min_teacher_accuracy: float = field(default=0.01, metadata={
         "help": "Before step 1 the teacher's masked-token accuracy on the dev split is measured and printed; "
-                "below this floor (chance is ~0.005%; an untrained MLM head scores about that) the run is "
+                "below this floor (chance is ~0.005%%; an untrained MLM head scores about that) the run is "
                 "refused. 0: distil anyway."})
     logging_steps: int = field(default=50, metadata={"help": "TensorBoard scalars every N steps."})
     on_nonfinite: str = field(default="stop", metadata={
         "help": "A NaN/inf loss or gradient: 'stop' (default; the last checkpoint is kept) or 'skip' the step."})
     max_skipped_steps: int = field(default=100, metadata={"help": "With --on_nonfinite skip: give up after N."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
     seed: int = field(default=42, metadata={"help": "Seed of data order, masks, dropout and init."})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
-    overwrite_output: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
     recipe: str | None = field(default=None, metadata={
         "help": "A recipe (pretraining/recipes/*.toml, or a shipped name: minirbt, demo, quick) whose --stage "
                 "settings (its [distill] table and the stage's matches) replace these defaults; flags given here "

@@ -404,6 +404,19 @@ def test_no_row_changed_the_workspace(outcomes, workspace):
     assert not (workspace / "pwned").exists()
 
 
+@pytest.mark.parametrize("script", ["pretraining/run_chinese_ref.py", "pretraining/my_datasets.py",
+                                    "pretraining/train.py", "scripts/init_checkpoint_TA.py", "scripts/demo.py",
+                                    "finetuning/run_classification.py", "finetuning/run_mrc.py"])
+def test_every_script_explains_its_flags(script):
+    """--help prints every flag with its help (argparse formats help strings with %: a bare % breaks it)."""
+    from conftest import run_script
+
+    proc = run_script(script, "--help")
+    assert "usage:" in proc.stdout and "--output" in proc.stdout
+    if script.endswith("train.py"):
+        assert "--recipe" in proc.stdout and "--max_grad_norm" in proc.stdout and "0.005%" in proc.stdout
+
+
 def test_rows_are_distinct():
     assert len({c.id for c in CASES}) == len(CASES)
     assert len({(c.script, c.args) for c in CASES}) == len(CASES)
