@@ -69,6 +69,15 @@ HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt
              "special_tokens_map.json", "tokenizer.json"]
 
 
+def default_teacher_folder() -> Path:
+    """The teacher's folder when none is given, the same for every script: ``pretrained_model_path/
+    RoBERTa-wwm-ext`` (distill.sh's and the README's), or ``pretrained_model_path/RoBERTa`` (MiniRBT's scripts'
+    name) when only that one exists."""
+    models = Path(__file__).resolve().parent.parent / "pretrained_model_path"
+    wwm, legacy = models / "RoBERTa-wwm-ext", models / "RoBERTa"
+    return legacy if legacy.is_dir() and not wwm.is_dir() else wwm
+
+
 def resolve_model(name: str | os.PathLike | None, what: str) -> str | None:
     """A local folder as given, or a Hugging Face model id (``hfl/chinese-roberta-wwm-ext``) resolved to its
     snapshot folder by ``huggingface_hub``: downloaded when online, from the local HF cache when offline

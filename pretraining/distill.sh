@@ -14,7 +14,9 @@ set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 
-TEACHER=${TEACHER:-$ROOT/pretrained_model_path/RoBERTa-wwm-ext}  # a folder, or a model id such as hfl/chinese-roberta-wwm-ext
+DEFAULT_TEACHER=$ROOT/pretrained_model_path/RoBERTa-wwm-ext  # or RoBERTa (MiniRBT's name) when only that exists
+[ ! -d "$ROOT/pretrained_model_path/RoBERTa" ] || [ -d "$DEFAULT_TEACHER" ] || DEFAULT_TEACHER=$ROOT/pretrained_model_path/RoBERTa
+TEACHER=${TEACHER:-$DEFAULT_TEACHER}  # a folder, or a model id such as hfl/chinese-roberta-wwm-ext
 DATASET=${DATASET:-$ROOT/dataset/cached}
 OUT=${OUT:-$ROOT/outputs}
 NPROC=${NPROC:-1}                 # GPUs per node (torchrun --nproc_per_node)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, from an
 
 from minirbt.cli import OVERWRITE_HELP, check_ranges, default_workers, parse, run  # noqa: E402
 from minirbt.data import build_pretraining_dataset  # noqa: E402
-from minirbt.modeling import resolve_model  # noqa: E402
+from minirbt.modeling import default_teacher_folder, resolve_model  # noqa: E402
 from minirbt.textio import CorpusError  # noqa: E402
 
 
@@ -34,7 +34,7 @@ class DatasetArguments:
     dev_file: list[str] = field(default_factory=list, metadata={"nargs": "*", "help": "Dev corpus files."})
     dev_ref_file: list[str] = field(default_factory=list, metadata={"nargs": "*", "help": "Their ref files."})
     data_files_json: str | None = field(default=None, metadata={"help": "MiniRBT-style data.json instead."})
-    tokenizer: str = field(default=str(ROOT / "pretrained_model_path" / "RoBERTa"),
+    tokenizer: str = field(default_factory=lambda: str(default_teacher_folder()),
                            metadata={"aliases": ["--bert"], "help": "Model folder with vocab.txt."})
     max_seq_length: int = field(default=512, metadata={"help": "Chunk length including [CLS] and [SEP]."})
     num_workers: int = field(default_factory=default_workers, metadata={"help": "Processes for tokenizing."})

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, from an
 
 from minirbt import stages  # noqa: E402
 from minirbt.cli import OVERWRITE_HELP, check_device, check_ranges, default_workers, parse, run  # noqa: E402
-from minirbt.modeling import resolve_model  # noqa: E402
+from minirbt.modeling import default_teacher_folder, resolve_model  # noqa: E402
 from minirbt.refs import RefSpec, RefWriter, ref_name, ref_request  # noqa: E402
 from minirbt.textio import CorpusError, list_corpus_files  # noqa: E402
 
@@ -31,7 +31,7 @@ class RefArguments:
     output: str | None = field(
         default=None, metadata={"help": "Ref file (for a file input) or folder (for a folder input)."})
     tokenizer: str = field(
-        default=str(ROOT / "pretrained_model_path" / "RoBERTa"),
+        default_factory=lambda: str(default_teacher_folder()),
         metadata={"aliases": ["--bert"], "help": "Model folder with vocab.txt (the teacher's). Alias: --bert."})
     segmenter: Literal["ltp", "jieba"] = field(default="ltp", metadata={"help": "Word segmenter."})
     ltp_model: str = field(

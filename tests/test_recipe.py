@@ -137,3 +137,19 @@ def test_each_head_gives_the_same_terms_through_its_adaptor():
                           build_projections([]), None)
     assert list(terms) == ["mlm"] and torch.allclose(terms["mlm"], F.cross_entropy(lm, torch.tensor([5, 7])))
     assert nonfinite_terms(terms) == [] and nonfinite_terms({"kd": torch.tensor(math.nan)}) == ["term kd = nan"]
+
+
+def test_the_arguments_file_of_a_torchrun_launch_round_trips(tmp_path):
+    """minirbt.pipeline hands a distillation to torchrun as a JSON file of DistillArguments (train.py --args_json)."""
+    import json
+    from dataclasses import asdict
+
+    from minirbt.cli import parse_json
+
+    args = DistillArguments(dataset="d", output_dir="o", teacher="t", student_config="minirbt_h256", resume=True,
+                            **train_settings(load_recipe("quick"), load_recipe("quick").stage("two_stage_H256")))
+    (tmp_path / "a.json").write_text(json.dumps(asdict(args)))
+    assert parse_json(DistillArguments, str(tmp_path / "a.json"))[0] == args
+    (tmp_path / "b.json").write_text(json.dumps(asdict(args) | {"temprature": 2}))
+    with pytest.raises(CorpusError, match="unknown argument.*temprature"):
+        parse_json(DistillArguments, str(tmp_path / "b.json"))
