@@ -41,8 +41,10 @@ def scale_to_machine(recipe, steps: int | None, nproc: int, per_device_batch: in
     import torch
 
     bf16 = torch.cuda.is_available()
-    accumulation = max(1, (recipe.global_batch or 4096) // (per_device_batch * nproc))
-    recipe.distill |= {"batch_size": per_device_batch, "gradient_accumulation_steps": accumulation, "bf16": bf16}
+    if recipe.global_batch:  # else the recipe's own batch_size and gradient_accumulation_steps
+        accumulation = max(1, recipe.global_batch // (per_device_batch * nproc))
+        recipe.distill |= {"batch_size": per_device_batch, "gradient_accumulation_steps": accumulation}
+    recipe.distill["bf16"] = bf16
     if steps:
         recipe.distill["max_steps"] = steps
     recipe.finetune["bf16"] = bf16

@@ -91,3 +91,52 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     # another setting for the same folder is refused, naming it
     other = run_script("scripts/demo.py", "--quick", "--segmenter", "ltp", "--output_dir", out, check=False)
     assert other.returncode == 2 and "segmenter" in other.stderr.splitlines()[-1]
+
+
+def test_demo_with_a_teacher_folder_a_corpus_and_a_recipe(tmp_path, tiny_teacher, real_lines):
+    """The --teacher path: the given folder teaches (no stand-in), the user's corpus is the pretraining text, and a
+    recipe of one's own (here: quick.toml at the tiny teacher's width) sets every stage."""
+    from minirbt.recipe import RECIPES
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f'''extends = "{RECIPES / "quick.toml"}"
+name = "tiny"
+[corpus]
+max_pretrain_lines = 400
+sentiment = {{ train = 120, dev = 60, test = 60 }}
+[models.ta]  # the teacher's width and FFN: its layers are copied
+hidden_size = 64
+num_attention_heads = 4
+intermediate_size = 128
+[models.H256]
+hidden_size = 32
+intermediate_size = 128
+[models.H288]
+hidden_size = 48
+intermediate_size = 192
+[distill]
+max_steps = 4
+eval_steps = 4
+save_steps = 4
+min_teacher_accuracy = 0.0  # the tiny teacher is untrained
+[finetune]
+seeds = "1"
+learning_rates = [5e-4]
+''', encoding="utf-8")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(real_lines[:600]) + "\n", encoding="utf-8")
+    out = tmp_path / "real"
+    proc = run_script("scripts/demo.py", "--teacher", tiny_teacher, "--corpus", corpus, "--recipe", recipe,
+                      "--output_dir", out)
+    assert "3. teacher stand-in" not in proc.stdout and "5. stage 1" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [m["key"] for m in results["models"]] == ["teacher", "ta", "two_stage_H256", "two_stage_H288",
+                                                     "one_stage_H256", "mlm_only_H256"]
+    assert str(tiny_teacher) in results["title"] and results["split"]["corpus"] == str(corpus)
+    teacher = results["models"][0]
+    assert teacher["path"] == str(tiny_teacher) and teacher["hidden"] == 64
+    for m in results["models"][1:]:
+        summary = json.loads((out / "models" / m["key"] / "minirbt_training.json").read_text())
+        assert summary["steps"] == 4 and summary["args"]["temperature"] == 1.0  # quick.toml's, via demo.toml
+        BertModel.from_pretrained(m["path"])
+    assert {m["key"]: m["hidden"] for m in results["models"]}["two_stage_H288"] == 48
