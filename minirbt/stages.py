@@ -59,7 +59,8 @@ FINETUNE_RUN = Kind("fine-tuning run", "minirbt_finetune.json", resumable=True)
 MRC_RUN = Kind("reading-comprehension fine-tuning run", "minirbt_finetune.json")
 LTP_MODEL = Kind("LTP segmenter folder", "minirbt_ltp.json")
 DEMO_RUN = Kind("demo run", "pipeline_settings.json", resumable=True)
-KINDS = (REFS_FOLDER, DATASET, MODEL, TRAINING_RUN, FINETUNE_RUN, LTP_MODEL, DEMO_RUN)
+EXPORT = Kind("ONNX export folder", "minirbt_export.json")
+KINDS = (REFS_FOLDER, DATASET, MODEL, TRAINING_RUN, FINETUNE_RUN, LTP_MODEL, DEMO_RUN, EXPORT)
 
 # Files a finished training run holds at its top (the final student) and its summary.
 TRAINING_SUMMARY = "minirbt_training.json"

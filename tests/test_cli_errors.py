@@ -41,6 +41,8 @@ TA = "scripts/init_checkpoint_TA.py"
 TRAIN = "pretraining/train.py"
 CLS = "finetuning/run_classification.py"
 MRC = "finetuning/run_mrc.py"
+EXPORT = "scripts/export_onnx.py"
+PRUNE = "scripts/prune_vocab.py"
 REF_ARGS = ("--tokenizer", "{ws}/vocab", "--segmenter", "jieba", "--num_workers", "1")
 DATA_ARGS = ("--train_file", "{ws}/corpus/a.txt", "--train_ref_file", "{ws}/a_ref.txt", "--tokenizer", "{ws}/vocab",
              "--max_seq_length", "64", "--num_workers", "1")
@@ -249,6 +251,29 @@ CASES = [
          ("--output", "{ws}/mine"), "holds files this project did not write"),
     Case("ltp-epochs", "--epochs 0", "scripts/train_ltp_cws.py", ("--output", "{ws}/o", "--epochs", "0"),
          "--epochs must be"),
+    # deployment
+    Case("export-no-weights", "a model folder without weights", EXPORT,
+         ("--model", "{ws}/no_weights", "--output", "{ws}/o"), "lacks model.safetensors"),
+    Case("export-task", "an unknown --task", EXPORT, ("--model", "{ws}/teacher", "--output", "{ws}/o", "--task",
+                                                      "ner"), "argument --task: invalid choice: 'ner'"),
+    Case("export-no-head", "a classification export of a model never fine-tuned", EXPORT,
+         ("--model", "{ws}/teacher", "--output", "{ws}/o", "--task", "classification"),
+         "has no classification head"),
+    Case("export-out-is-model", "an export written over its model folder", EXPORT,
+         ("--model", "{ws}/teacher", "--output", "{ws}/teacher"), "is the --model input"),
+    Case("export-dev-mlm", "a dev file for a head without a dev metric", EXPORT,
+         ("--model", "{ws}/teacher", "--output", "{ws}/o", "--dev_file", "{ws}/ft/dev.csv"), "has no dev metric"),
+    Case("export-dev-task", "a dev file of unknown format", EXPORT,
+         ("--model", "{ws}/ft_done/best", "--output", "{ws}/o", "--dev_file", "{ws}/ft/dev.csv", "--dev_task",
+          "squad"), "--dev_task must be one of"),
+    Case("prune-foreign-corpus", "a corpus sharing no token with the vocabulary", PRUNE,
+         ("--model", "{ws}/teacher", "--corpus", "{ws}/thai.txt", "--output", "{ws}/o"), "shares no token"),
+    Case("prune-out-user-folder", "a pruned model written into a user's folder", PRUNE,
+         ("--model", "{ws}/teacher", "--corpus", "{ws}/corpus/a.txt", "--output", "{ws}/mine"),
+         "holds files this project did not write"),
+    Case("prune-min-count", "--min_count 0", PRUNE,
+         ("--model", "{ws}/teacher", "--corpus", "{ws}/corpus/a.txt", "--output", "{ws}/o", "--min_count", "0"),
+         "--min_count must be"),
 ]
 
 
@@ -307,6 +332,10 @@ def workspace(tmp_path_factory, vocab_dir, tiny_teacher, real_lines, shared_data
     (ws / "mine").mkdir()
     (ws / "mine" / "notes.txt").write_text("a user's own file\n")
     (ws / "empty").mkdir()
+    (ws / "no_weights").mkdir()
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy(tiny_teacher / name, ws / "no_weights" / name)
+    (ws / "thai.txt").write_text("สวัสดีครับ ยินดีต้อนรับ\n" * 3, encoding="utf-8")  # no token of a Chinese vocab
     cfg = tiny_bert(layers=2, hidden=64, heads=4, ffn=128).config.to_dict()
     (ws / "s.json").write_text(json.dumps(cfg))
     (ws / "short.json").write_text(json.dumps(cfg | {"max_position_embeddings": 32}))
@@ -406,7 +435,8 @@ def test_no_row_changed_the_workspace(outcomes, workspace):
 
 @pytest.mark.parametrize("script", ["pretraining/run_chinese_ref.py", "pretraining/my_datasets.py",
                                     "pretraining/train.py", "scripts/init_checkpoint_TA.py", "scripts/demo.py",
-                                    "finetuning/run_classification.py", "finetuning/run_mrc.py"])
+                                    "finetuning/run_classification.py", "finetuning/run_mrc.py",
+                                    "scripts/export_onnx.py", "scripts/prune_vocab.py"])
 def test_every_script_explains_its_flags(script):
     """--help prints every flag with its help (argparse formats help strings with %: a bare % breaks it)."""
     from conftest import run_script
