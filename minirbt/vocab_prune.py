@@ -58,7 +58,7 @@ def count_corpus(corpus: str | Path, tokenizer) -> tuple[Counter, dict]:
             for start in tqdm(range(0, len(split), 4096), desc=f"counting {path.name}", leave=False):
                 ids = np.concatenate(split[start : start + 4096]["input_ids"])
                 counts.update(dict(zip(*np.unique(ids, return_counts=True))))
-                sequences += min(4096, len(split) - start)
+            sequences += len(split)
         return counts, {"corpus": str(path), "kind": "dataset", "sequences": sequences}
     files = list_corpus_files(path) if path.is_dir() else [path]
     lines = 0
@@ -85,8 +85,7 @@ def kept_ids(counts: Counter, tokenizer, min_count: int = 1) -> list[int]:
     """The special tokens and every token seen at least ``min_count`` times, in vocabulary order."""
     special = set(tokenizer.all_special_ids)
     seen = {int(i) for i, n in counts.items() if n >= min_count and int(i) not in special}
-    unk = tokenizer.unk_token_id
-    if not seen or seen == {unk}:
+    if not seen:  # [UNK] is a special token: a corpus of unknown characters leaves nothing
         raise CorpusError(f"the corpus shares no token with the vocabulary (at --min_count {min_count}: every "
                           f"token it has is [UNK] or rarer): is it the text of this model's language and "
                           f"vocabulary?")
