@@ -39,6 +39,7 @@ from transformers import BertForMaskedLM  # noqa: E402
 from minirbt.collator import ChineseWWMCollator  # noqa: E402
 from minirbt.distill import DistillConfig  # noqa: E402
 from minirbt.matches import build_projections, resolve_matches  # noqa: E402
+from minirbt.mlm_eval import host_batch  # noqa: E402
 from minirbt.modeling import load_config  # noqa: E402
 from minirbt.refs import RefBuilder  # noqa: E402
 from minirbt.segmentation import make_segmenter  # noqa: E402
@@ -70,7 +71,7 @@ def make_batches(n: int, batch: int, seq: int) -> list[dict]:
         ref = [p - k * body + 1 for p in stream_refs if k * body < p < (k + 1) * body]
         examples.append({"input_ids": [tokenizer.cls_token_id, *chunk, tokenizer.sep_token_id], "chinese_ref": ref})
     collator = ChineseWWMCollator(tokenizer, seed=0)
-    return [collator(examples[i * batch : (i + 1) * batch]) for i in range(n)]
+    return [host_batch(collator, examples[i * batch : (i + 1) * batch]) for i in range(n)]
 
 
 def models(seed: int = 0) -> tuple[BertForMaskedLM, BertForMaskedLM]:
@@ -83,9 +84,9 @@ def models(seed: int = 0) -> tuple[BertForMaskedLM, BertForMaskedLM]:
 def run_project(batches: list[dict], bf16: bool, steps: int) -> float:
     teacher, model = models()
     matches = resolve_matches([PRESET])
-    student = Student(model, build_projections(matches))
     # train.py's defaults with a teacher: KD at T = 8, no MLM term, the preset's hidden-state matches
     config = DistillConfig(8.0, intermediate_matches=matches)
+    student = Student(model, build_projections(matches), config)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     for p in teacher.parameters():
@@ -95,8 +96,7 @@ def run_project(batches: list[dict], bf16: bool, steps: int) -> float:
         if i == 2:
             t0 = time.perf_counter()
         batch = batches[i % len(batches)]
-        select = batch["labels"] != -100
-        terms = distill_losses(teacher, student, student.projections, batch, select, config, autocast)
+        terms = distill_losses(teacher, student, batch, config, autocast)
         sum(terms.values()).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
@@ -123,7 +123,8 @@ def run_textbrewer(batches: list[dict], steps: int) -> float:
                                             intermediate_matches=resolve_matches([PRESET]))
         distiller = GeneralDistiller(train_config=train_config, distill_config=distill_config, model_T=teacher,
                                      model_S=student, adaptor_T=adaptor, adaptor_S=adaptor)
-        data = [batches[i % len(batches)] for i in range(steps + 2)]
+        keys = ("input_ids", "attention_mask", "token_type_ids", "labels")  # what its model(**batch) takes
+        data = [{k: batches[i % len(batches)][k] for k in keys} for i in range(steps + 2)]
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)  # GeneralDistiller adds its projections
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):

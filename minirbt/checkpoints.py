@@ -107,8 +107,9 @@ class SeedCheckpoints:
             save_file(contiguous(best["state"]), str(tmp / "best.safetensors"))
             fault_point("finetune.checkpoint")
             torch.save({"epoch": epoch, **optimization.state_dict(), "projections": projections.state_dict(),
-                        "rng": torch.get_rng_state(), "best": {k: v for k, v in best.items() if k != "state"},
-                        "history": history}, tmp / "state.pt")
+                        "rng": torch.get_rng_state(), "cuda_rng": cuda_rng_states(),
+                        "best": {k: v for k, v in best.items() if k != "state"}, "history": history},
+                       tmp / "state.pt")
         for old in self._epochs()[:-1]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -122,6 +123,7 @@ class SeedCheckpoints:
         projections.load_state_dict(state["projections"])
         optimization.load_state_dict(state)
         torch.set_rng_state(state["rng"])
+        restore_cuda_rng_states(state.get("cuda_rng", []))
         best = dict(state["best"], state=load_file(str(found[-1] / "best.safetensors")))
         print(f"seed {self.seed}: resuming after epoch {state['epoch']} ({found[-1]})", flush=True)
         return int(state["epoch"]), best, list(state["history"])
@@ -144,3 +146,15 @@ def finetuning_kept(output_dir: str | Path) -> str:
     kept = ([f"finished seeds {', '.join(done)}"] if done else []) + ([f"checkpoints {', '.join(epochs)}"]
                                                                          if epochs else [])
     return f"kept in {root}: {'; '.join(kept)}; re-run with --resume to continue"
+
+
+def cuda_rng_states() -> list[torch.Tensor]:
+    """The CUDA generators' states (dropout on a GPU draws from them, not from the CPU generator); [] without CUDA."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+def restore_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Put back what :func:`cuda_rng_states` saved, on as many devices as both runs have."""
+    if states and torch.cuda.is_available():
+        for index, state in enumerate(states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)

@@ -187,3 +187,12 @@ def run(main: Callable[[], int | None]) -> None:
         print(f"\ninterrupted: {what}", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def enable_tf32() -> None:
+    """fp32 matmuls in TF32 on CUDA (torch's "high" precision): the match projections and losses run outside
+    autocast, and fine-tuning defaults to fp32; TF32 keeps fp32's range with a 10-bit mantissa, which BERT
+    training tolerates (NVIDIA's and Hugging Face's defaults for Ampere and later)."""
+    import torch
+
+    torch.set_float32_matmul_precision("high")

@@ -21,13 +21,14 @@ A new loss or match type is added in ``minirbt.matches`` and works in every stag
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minirbt.matches import KD_LOSSES, match_losses, needs_attentions
+from minirbt.matches import KD_LOSSES, match_losses, needs_attentions, student_features
 from minirbt.textio import CorpusError
 
 
@@ -54,6 +55,11 @@ class DistillConfig:
         return needs_attentions(self.intermediate_matches)
 
     @property
+    def needs_logits(self) -> bool:
+        """Whether any loss reads the head's outputs (a matches-only run needs no LM head)."""
+        return bool(self.kd_loss_weight or self.hard_label_weight)
+
+    @property
     def attn_implementation(self) -> str | None:
         """Eager attention when a match reads attention probabilities (SDPA returns none)."""
         return "eager" if self.needs_attentions else None
@@ -65,10 +71,13 @@ Adapted = dict  # {"logits": [Tensor], "losses": {name: Tensor}, "hidden": tuple
 # ------------------------------------------------------------------ adaptors, one per head
 def mlm_adaptor(outputs: tuple, batch: dict, labels: bool) -> Adapted:
     """``outputs``: (LM logits at the masked positions, hidden states, attentions), see
-    ``minirbt.mlm_eval.masked_lm_forward``; the labels are the true tokens at those positions."""
+    ``minirbt.mlm_eval.masked_lm_forward``; ``batch["masked_labels"]`` holds the true tokens at those positions.
+    Logits None: no loss needs them."""
     logits, hidden, attention = outputs
+    if logits is None:  # no loss reads them (DistillConfig.needs_logits)
+        return {"logits": [], "losses": {}, "hidden": hidden, "attention": attention}
     logits = logits.float()
-    losses = {"mlm": F.cross_entropy(logits, batch["labels"][batch["labels"] != -100])} if labels else {}
+    losses = {"mlm": F.cross_entropy(logits, batch["masked_labels"])} if labels else {}
     return {"logits": [logits], "losses": losses, "hidden": hidden, "attention": attention}
 
 
@@ -111,12 +120,26 @@ def distill_terms(config: DistillConfig, student: Adapted, teacher: Adapted | No
             terms[name] = config.hard_label_weight * loss
     if teacher is not None and config.intermediate_matches:
         matches = config.intermediate_matches
-        for i, loss in enumerate(match_losses(matches, projections, student["hidden"], teacher["hidden"],
-                                              student["attention"], teacher["attention"], attention_mask)):
+        features = student.get("features")  # already projected inside the student's forward (pretraining)
+        if features is None:
+            features = student_features(matches, projections, student["hidden"], student["attention"])
+        for i, loss in enumerate(match_losses(matches, features, teacher["hidden"], teacher["attention"],
+                                              attention_mask)):
             terms[f"match{i}_{matches[i]['loss']}"] = loss
     return terms
 
 
 def nonfinite_terms(terms: dict[str, torch.Tensor]) -> list[str]:
-    """``term NAME = VALUE`` for each NaN/inf term (empty: all finite)."""
-    return [f"term {name} = {value.item()}" for name, value in terms.items() if not torch.isfinite(value)]
+    """``term NAME = VALUE`` for each NaN/inf term (empty: all finite). One host sync for all the terms."""
+    return nonfinite_values(dict(zip(terms, term_values(terms).tolist())))
+
+
+def term_values(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The terms' values as one detached fp32 vector on their device (read back once, not term by term)."""
+    if not terms:
+        return torch.zeros(0)
+    return torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+
+
+def nonfinite_values(values: dict[str, float]) -> list[str]:
+    return [f"term {name} = {v}" for name, v in values.items() if not math.isfinite(v)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from minirbt import stages
 from minirbt.checkpoints import SeedCheckpoints, contiguous, finetuning_kept
-from minirbt.cli import TrainingFlags, check_device, check_ranges, parse_seeds
+from minirbt.cli import TrainingFlags, check_device, check_ranges, enable_tf32, parse_seeds
 from minirbt.distill import DistillConfig, distill_terms, nonfinite_terms
 from minirbt.matches import build_projections, check_matches, resolve_matches
 from minirbt.modeling import check_model_folder, load_config, load_error, resolve_model, write_model_files
@@ -142,6 +143,12 @@ def finished_results(args: CommonArguments) -> dict:
 
 def check_common(args: CommonArguments) -> None:
     """Model folders, device and lengths: everything decided before any file is read."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # N copies would share one GPU and one --output_dir, deleting each other's checkpoints
+        raise CorpusError(f"fine-tuning runs as one process, and this one was started as one of WORLD_SIZE={world} "
+                          f"(torchrun?). A small model fine-tunes in minutes on one GPU: run one process per GPU "
+                          f"instead, each with its own --output_dir and --seeds, e.g. CUDA_VISIBLE_DEVICES=1 python "
+                          f"finetuning/run_classification.py ... --seeds 2 --output_dir out/seed2")
     for name in ("model", "teacher", "augment_mlm"):  # local folders or Hugging Face model ids
         if hasattr(args, name):
             setattr(args, name, resolve_model(getattr(args, name), f"--{name}"))
@@ -197,6 +204,8 @@ def prepare(args: CommonArguments, train_ex: list, dev_ex: list, reports) -> tup
         if rep is not None:
             print(rep.summary(), flush=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        enable_tf32()  # fine-tuning runs in fp32 unless --bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     return train_ex, dev_ex, device, autocast, load_tokenizer(args.model)
 

@@ -274,24 +274,28 @@ def build_projections(matches: list[dict]) -> nn.ModuleList:
     return nn.ModuleList(mods)
 
 
-def match_losses(matches: list[dict], projections: nn.ModuleList, hidden_S, hidden_T, att_S, att_T,
-                 mask: torch.Tensor) -> list[torch.Tensor]:
-    """Weighted loss of each match (fp32), in order."""
+def student_features(matches: list[dict], projections: nn.ModuleList, hidden_S, att_S) -> list:
+    """What each match compares on the student's side (fp32), projected to the teacher's width. The projections
+    are trained parameters of the student: pretraining runs this inside the student's forward, where DDP sees
+    them (its reducer expects every trained parameter to be used inside forward)."""
     out = []
     for m, proj in zip(matches, projections):
-        fn = MATCH_LOSSES[m["loss"]]
-        if m["feature"] == "hidden":
-            src_S, src_T = hidden_S, hidden_T
-        else:
-            # attention layer i (1-based) is entry i-1 of the attentions tuple
-            src_S = [None, *att_S]
-            src_T = [None, *att_T]
-        if isinstance(m["layer_S"], list):
-            fs = [proj(src_S[j].float()) for j in m["layer_S"]]
+        # attention layer i (1-based) is entry i-1 of the attentions tuple
+        src = hidden_S if m["feature"] == "hidden" else [None, *att_S]
+        layers = m["layer_S"] if isinstance(m["layer_S"], list) else [m["layer_S"]]
+        feats = [proj(src[j].float()) if m["feature"] == "hidden" else src[j].float() for j in layers]
+        out.append(feats if isinstance(m["layer_S"], list) else feats[0])
+    return out
+
+
+def match_losses(matches: list[dict], features_S: list, hidden_T, att_T, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Weighted loss of each match (fp32), in order; ``features_S`` from :func:`student_features`."""
+    out = []
+    for m, fs in zip(matches, features_S):
+        src_T = hidden_T if m["feature"] == "hidden" else [None, *att_T]
+        if isinstance(m["layer_T"], list):
             ft = [src_T[j].float() for j in m["layer_T"]]
         else:
-            fs = src_S[m["layer_S"]].float()
-            fs = proj(fs) if m["feature"] == "hidden" else fs
             ft = src_T[m["layer_T"]].float()
-        out.append(m["weight"] * fn(fs, ft, mask=mask))
+        out.append(m["weight"] * MATCH_LOSSES[m["loss"]](fs, ft, mask=mask))
     return out

@@ -19,24 +19,60 @@ from minirbt.pretrain_setup import DistillArguments
 from minirbt.textio import CorpusError
 
 
-def masked_lm_forward(model: BertForMaskedLM, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
-    """Encoder outputs, and MLM logits at the selected (masked) positions only."""
-    out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+def host_batch(collator: ChineseWWMCollator, examples: list[dict]) -> dict:
+    """A collated batch plus what the step would otherwise ask the device for, computed here on the host: the
+    flat indices of the masked positions (``select``), their true tokens (``masked_labels``) and whether any row
+    is padded (``padded``). Boolean-mask indexing on the device would wait for the GPU at every forward."""
+    batch = collator(examples)
+    labels = batch["labels"].reshape(-1)
+    batch["select"] = (labels != -100).nonzero().squeeze(1)
+    batch["masked_labels"] = labels[batch["select"]]
+    batch["padded"] = not bool(batch["attention_mask"].all())
+    return batch
+
+
+def encoder_mask(model: BertForMaskedLM, batch: dict) -> torch.Tensor | None:
+    """The attention mask in the form the model's attention takes as-is. Given the 2-D mask, transformers checks on
+    the device whether it has any padding (a host sync per forward); the host already knows: no padding gives
+    None (SDPA may then pick its flash kernel), padding a 4-D mask built from the 2-D one."""
+    if not batch.get("padded", True):
+        return None
+    implementation = model.config._attn_implementation
+    keep = batch["attention_mask"][:, None, None, :].bool()
+    if implementation == "sdpa":
+        return keep
+    if implementation == "eager":  # added to the scores
+        return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(
+            ~keep, torch.finfo(model.dtype).min)
+    return batch["attention_mask"]  # other kernels (flash-attention) take the 2-D mask
+
+
+def masked_lm_forward(model: BertForMaskedLM, batch: dict, hidden: bool, attentions: bool, logits: bool = True):
+    """Encoder outputs, and MLM logits at the masked positions only (``batch["select"]``; None when ``logits`` is
+    False: a run whose losses read no logits builds no LM-head output)."""
+    out = model.bert(input_ids=batch["input_ids"], attention_mask=encoder_mask(model, batch),
                      token_type_ids=batch["token_type_ids"], output_hidden_states=hidden,
                      output_attentions=attentions)
-    return model.cls(out.last_hidden_state[select]), out.hidden_states, out.attentions
+    if not logits:
+        return None, out.hidden_states, out.attentions
+    masked = out.last_hidden_state.flatten(0, 1).index_select(0, batch["select"])
+    return model.cls(masked), out.hidden_states, out.attentions
 
 
-def teacher_forward(teacher: BertForMaskedLM | None, batch: dict, select: torch.Tensor, hidden: bool,
-                    attentions: bool):
+def teacher_forward(teacher: BertForMaskedLM | None, batch: dict, hidden: bool, attentions: bool,
+                    logits: bool = True):
     if teacher is None:  # MLM pretraining without a teacher
         return None, None, None
     with torch.no_grad():
-        return masked_lm_forward(teacher, batch, select, hidden, attentions)
+        return masked_lm_forward(teacher, batch, hidden, attentions, logits)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Tensors to the device (through pinned memory on CUDA: a copy from pageable memory waits for the stream);
+    host-side values (``padded``) as they are."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -50,12 +86,11 @@ def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM | None, dev, col
     n_batches = min(args.eval_batches, math.ceil(len(dev) / args.batch_size))
     for b in range(n_batches):
         rows = dev[b * args.batch_size : (b + 1) * args.batch_size]
-        batch = to_device(collator([dict(zip(rows, v)) for v in zip(*rows.values())]), device)
-        select = batch["labels"] != -100
-        labels = batch["labels"][select]
+        batch = to_device(host_batch(collator, [dict(zip(rows, v)) for v in zip(*rows.values())]), device)
+        labels = batch["masked_labels"]
         with autocast:
-            ls, _, _ = masked_lm_forward(student, batch, select, False, False)
-            lt, _, _ = teacher_forward(teacher, batch, select, False, False)
+            ls, _, _ = masked_lm_forward(student, batch, False, False)
+            lt, _, _ = teacher_forward(teacher, batch, False, False)
         ls = ls.float()
         totals["n"] += labels.numel()
         totals["student_nll"] += F.cross_entropy(ls, labels, reduction="sum").item()

@@ -51,19 +51,19 @@ def heldout_mlm(folders: dict[str, Path], teacher_of: dict[str, str | None], dat
     whole-word masks, and each model's top-1 agreement with the model it was distilled from (``teacher_of``)."""
     from minirbt.collator import ChineseWWMCollator
     from minirbt.data import load_pretraining_dataset
-    from minirbt.mlm_eval import masked_lm_forward
+    from minirbt.mlm_eval import host_batch, masked_lm_forward
     from minirbt.modeling import load_mlm
     from minirbt.tokenization import load_tokenizer
 
     split = load_pretraining_dataset(dataset_dir)["validation"]
     collator = ChineseWWMCollator(load_tokenizer(vocab_dir), 0.15, seed=seed)
-    fixed = [collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
+    fixed = [host_batch(collator, [split[i] for i in range(start, min(start + batch_size, len(split)))])
              for start in range(0, min(len(split), batches * batch_size), batch_size)]
-    gold = torch.cat([b["labels"][b["labels"] != -100] for b in fixed])
+    gold = torch.cat([b["masked_labels"] for b in fixed])
     predicted = {}
     for key, folder in folders.items():
         model = load_mlm(folder, key).eval()
-        predicted[key] = torch.cat([masked_lm_forward(model, b, b["labels"] != -100, False, False)[0].argmax(-1)
+        predicted[key] = torch.cat([masked_lm_forward(model, b, False, False)[0].argmax(-1)
                                     for b in fixed])
     out = {}
     for key, pred in predicted.items():

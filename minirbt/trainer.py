@@ -22,6 +22,7 @@ are computed in fp32; ``--bf16`` autocasts the forward passes (CUDA and CPU).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -37,52 +38,62 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
 from minirbt import stages
-from minirbt.checkpoints import checkpoints, load_checkpoint_state, pretraining_kept, save_checkpoint
+from minirbt.checkpoints import checkpoint_step, checkpoints, load_checkpoint_state, pretraining_kept, save_checkpoint
+from minirbt.cli import check_device
 from minirbt.collator import ChineseWWMCollator
 from minirbt.data import load_pretraining_dataset
-from minirbt.distill import DistillConfig, distill_terms, mlm_adaptor, nonfinite_terms
-from minirbt.matches import build_projections
-from minirbt.mlm_eval import check_teacher, evaluate, masked_lm_forward, teacher_forward, to_device
+from minirbt.distill import DistillConfig, distill_terms, mlm_adaptor, nonfinite_values, term_values
+from minirbt.matches import build_projections, student_features
+from minirbt.mlm_eval import check_teacher, evaluate, host_batch, masked_lm_forward, teacher_forward, to_device
 from minirbt.modeling import load_config, load_mlm, write_model_files
 from minirbt.optim import Optimization
 from minirbt.pretrain_setup import (
     SUMMARY_NAME,
     Dist,
     DistillArguments,
+    agree,
     check_inputs,
     check_shapes,
     decide_run,
+    on_every_rank,
+    request_digest,
     run_matches,
     setup_distributed,
     take_run,
 )
 from minirbt.textio import CorpusError
 from minirbt.tokenization import load_tokenizer
+from minirbt.train_progress import Progress
 
 
 # ------------------------------------------------------------------ the student side
 class Student(nn.Module):
-    """Student + match projections: the trained parameters, in one module for DDP."""
+    """Student + match projections: the trained parameters, in one module for DDP, and a forward that runs all of
+    them (DDP's reducer expects every trained parameter to be used inside forward, the projections included)."""
 
-    def __init__(self, model: BertForMaskedLM, projections: nn.ModuleList):
+    def __init__(self, model: BertForMaskedLM, projections: nn.ModuleList, config: DistillConfig):
         super().__init__()
         self.model = model
         self.projections = projections
+        self.matches = config.intermediate_matches
+        self.logits = config.needs_logits  # a matches-only run builds no LM-head output
 
-    def forward(self, batch: dict, select: torch.Tensor, hidden: bool, attentions: bool):
-        return masked_lm_forward(self.model, batch, select, hidden, attentions)
+    def forward(self, batch: dict, hidden: bool, attentions: bool):
+        """(LM logits at the masked positions or None, hidden states, attentions, each match's student feature)."""
+        logits, hs, att = masked_lm_forward(self.model, batch, hidden, attentions, self.logits)
+        return logits, hs, att, student_features(self.matches, self.projections, hs, att) if self.matches else []
 
 
-def distill_losses(teacher: BertForMaskedLM | None, student: nn.Module, projections: nn.ModuleList, batch: dict,
-                   select: torch.Tensor, config: DistillConfig, autocast) -> dict[str, torch.Tensor]:
-    """Every weighted loss term of one micro-batch (fp32). ``student`` may be DDP-wrapped."""
+def distill_losses(teacher: BertForMaskedLM | None, student: nn.Module, batch: dict, config: DistillConfig,
+                   autocast) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of one micro-batch (fp32). ``student``: a :class:`Student`, maybe DDP-wrapped."""
     hidden, attentions = config.needs_hidden, config.needs_attentions
     with autocast:
-        out_T = teacher_forward(teacher, batch, select, hidden, attentions)
-        out_S = student(batch, select, hidden, attentions)
+        out_T = teacher_forward(teacher, batch, hidden, attentions, logits=bool(config.kd_loss_weight))
+        logits, hs, att, features = student(batch, hidden, attentions)
     adapted_T = mlm_adaptor(out_T, batch, labels=False) if teacher is not None else None
-    return distill_terms(config, mlm_adaptor(out_S, batch, labels=bool(config.hard_label_weight)), adapted_T,
-                         projections, batch["attention_mask"])
+    adapted_S = mlm_adaptor((logits, hs, att), batch, labels=bool(config.hard_label_weight))
+    return distill_terms(config, adapted_S | {"features": features}, adapted_T, None, batch["attention_mask"])
 
 
 def _sub_seed(*parts: int) -> int:
@@ -165,7 +176,7 @@ def build_run(args: DistillArguments, d: Dist, device: torch.device, config: Dis
             model_config._attn_implementation = attn
         model = BertForMaskedLM(model_config)
     vocab_dir = args.tokenizer or args.teacher or args.student_init
-    student = Student(model, build_projections(config.intermediate_matches)).to(device)
+    student = Student(model, build_projections(config.intermediate_matches), config).to(device)
     optimization = Optimization(student.model, student.projections, lr=args.learning_rate,
                                 weight_decay=args.weight_decay, eps=args.adam_epsilon,
                                 bias_correction=args.adam_bias_correction,
@@ -176,10 +187,35 @@ def build_run(args: DistillArguments, d: Dist, device: torch.device, config: Dis
               Path(vocab_dir) / "vocab.txt", load_pretraining_dataset(args.dataset), autocast)
     if resume:
         restore(run, attn)
+    frozen = freeze_unused(run)
+    if frozen and d.main:
+        print(f"{len(frozen)} parameter tensors get no gradient from this run's losses and keep their values "
+              f"(e.g. {', '.join(frozen[:3])})", flush=True)
     if d.world > 1:
+        # The buffers (position ids) never change: no broadcast each forward. Gradients live in DDP's buckets.
         run.ddp_student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[d.local_rank] if device.type == "cuda" else None)
+            student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            gradient_as_bucket_view=True)
     return run
+
+
+def freeze_unused(run: Run) -> list[str]:
+    """Freeze the student's parameters that no loss reaches (the LM head of a matches-only run, layers above the
+    last one a match reads), found by one probe backward on the first examples; returns their names.
+    One process leaves such parameters as they are (AdamW skips parameters without a gradient); under DDP a
+    trained parameter without a gradient stops the run at step 2, so freezing keeps N processes equal to one."""
+    args = run.args
+    collator = ChineseWWMCollator(run.tokenizer, args.mlm_probability, seed=args.seed)
+    n = min(args.batch_size, len(run.data["train"]))
+    batch = to_device(host_batch(collator, [run.data["train"][i] for i in range(n)]), run.device)
+    trained = [(name, p) for name, p in run.student.named_parameters() if p.requires_grad]
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):  # no draw is used up
+        terms = distill_losses(run.teacher, run.student, batch, run.config, run.autocast)
+        grads = torch.autograd.grad(sum(terms.values()), [p for _, p in trained], allow_unused=True)
+    unused = [(name, p) for (name, p), g in zip(trained, grads) if g is None]
+    for _, p in unused:
+        p.requires_grad_(False)
+    return [name for name, _ in unused]
 
 
 def restore(run: Run, attn: str | None) -> None:
@@ -202,50 +238,60 @@ def restore(run: Run, attn: str | None) -> None:
 
 
 # ------------------------------------------------------------------ one optimizer step
-def forward_backward(run: Run, collator: ChineseWWMCollator, order: DataOrder) -> tuple[dict, list[str]]:
-    """The step's micro-batches of this rank, forward and backward: (terms averaged over them, non-finite notes)."""
+def step_batches(run: Run, collator: ChineseWWMCollator, order: DataOrder) -> list[dict]:
+    """This rank's micro-batches of the step, collated on the host: examples and masks from (seed, step, global
+    micro-batch index), so any number of processes sees the same global batch."""
     args, d = run.args, run.d
     A, B = args.gradient_accumulation_steps, args.batch_size
     global_batch = B * A * d.world
-    terms_step: dict[str, float] = {}
-    bad: list[str] = []
+    batches = []
     for m in range(A):
         g = d.rank * A + m  # global micro-batch index within the step
         idx = order.indices(run.step * global_batch + g * B, B)
         collator.rng = np.random.default_rng([args.seed, run.step, g])
-        batch = to_device(collator([run.data["train"][i] for i in idx]), run.device)
-        select = batch["labels"] != -100
-        torch.manual_seed(_sub_seed(args.seed, run.step, g))  # dropout: same on any number of processes
+        batches.append(host_batch(collator, [run.data["train"][i] for i in idx]))
+    return batches
+
+
+def forward_backward(run: Run, batches: list[dict]) -> tuple[list[str], torch.Tensor]:
+    """Forward and backward of the step's micro-batches: (term names, their values averaged over the micro-batches
+    as one vector on the device). Nothing here waits for the device; :func:`update` reads the vector once."""
+    args, d = run.args, run.d
+    A = len(batches)
+    total, names = None, []
+    for m, host in enumerate(batches):
+        batch = to_device(host, run.device)
+        torch.manual_seed(_sub_seed(args.seed, run.step, d.rank * A + m))  # dropout: same on any number of ranks
         sync = m == A - 1 or d.world == 1
         with run.ddp_student.no_sync() if not sync else nullcontext():
-            terms = distill_losses(run.teacher, run.ddp_student, run.student.projections, batch, select, run.config,
-                                   run.autocast)
-            bad += nonfinite_terms(terms)
-            if bad and args.on_nonfinite == "stop":
-                raise CorpusError(f"non-finite loss at step {run.step + 1}: {bad[0]}; nothing saved for this step; "
-                                  f"{pretraining_kept(run.out)} (--on_nonfinite skip skips such steps)")
-            (sum(terms.values()) / A).backward()  # even when skipping: every DDP rank must run the same collectives
-        for name, value in terms.items():
-            terms_step[name] = terms_step.get(name, 0.0) + value.item() / A
-    return terms_step, bad
+            terms = distill_losses(run.teacher, run.ddp_student, batch, run.config, run.autocast)
+            # even when a term is NaN: every DDP rank runs the same collectives; update() decides
+            (sum(terms.values()) / A).backward()
+        values = term_values(terms) / A
+        total, names = (values if total is None else total + values), list(terms)
+    return names, total
 
 
-def update(run: Run, bad: list[str]) -> tuple[torch.Tensor, bool]:
-    """Clip, then apply the step, or skip it (--on_nonfinite skip) when any rank saw a NaN/inf; the schedule
-    advances either way. Returns (gradient norm, skipped)."""
+def update(run: Run, names: list[str], total: torch.Tensor) -> tuple[dict[str, float], float, bool]:
+    """Clip, then apply the step, or skip it (--on_nonfinite skip) or stop (stop) when any rank saw a NaN/inf;
+    every rank decides after the same all-reduce. The schedule advances either way. The step's one read-back
+    from the device is here. Returns (terms, gradient norm, skipped)."""
     args, d = run.args, run.d
     grad_norm = run.optimization.clip()
-    if not torch.isfinite(grad_norm):
-        bad.append(f"gradient norm = {grad_norm.item()}")
-    skip = bool(bad)
+    stats = torch.cat([total, grad_norm.detach().float().reshape(1).to(total.device)])
+    flag = (~torch.isfinite(stats)).any().float().reshape(1)
     if d.world > 1:  # every rank takes the same decision
-        flag = torch.tensor([float(skip)], device=run.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        skip = bool(flag.item())
+    *values, norm, any_bad = torch.cat([stats, flag]).tolist()
+    terms = dict(zip(names, values))
+    bad_terms = nonfinite_values(terms)
+    bad = bad_terms + ([] if math.isfinite(norm) else [f"gradient norm = {norm}"])
+    skip = any_bad > 0
     where = bad[0] if bad else "non-finite on another rank"
     if skip and args.on_nonfinite == "stop":
-        raise CorpusError(f"non-finite values at step {run.step + 1}: {bad[0] if bad else 'on another rank'}; the "
-                          f"weights were not updated; {pretraining_kept(run.out)}")
+        what = "loss" if bad_terms else "gradient" if bad else "values"
+        raise CorpusError(f"non-finite {what} at step {run.step + 1}: {where}; the weights were not updated; "
+                          f"{pretraining_kept(run.out)} (--on_nonfinite skip skips such steps)")
     if skip:
         run.skipped.append(run.step + 1)
         if d.main:
@@ -255,65 +301,19 @@ def update(run: Run, bad: list[str]) -> tuple[torch.Tensor, bool]:
                               f"{run.skipped[:5]}), more than --max_skipped_steps {args.max_skipped_steps}: "
                               f"stopping; {pretraining_kept(run.out)}")
     run.optimization.step(update=not skip)
-    return grad_norm, skip
+    return terms, norm, skip
 
 
 # ------------------------------------------------------------------ logging, evaluation, checkpoints
-class Progress:
-    """The progress bar and TensorBoard (rank 0 only): train terms averaged over --logging_steps, dev scores."""
-
-    def __init__(self, run: Run):
-        self.run, self.main = run, run.d.main
-        self.writer = None
-        if self.main:
-            run.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run.out / "runs"))
-        self.bar = tqdm(total=run.args.max_steps, initial=run.step, desc="distill", disable=not self.main,
-                        dynamic_ncols=True)
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def step(self, terms: dict[str, float], grad_norm: torch.Tensor, skipped: bool) -> None:
-        run, step = self.run, self.run.step
-        if not skipped:
-            for name, value in terms.items():
-                self.sums[name] = self.sums.get(name, 0.0) + value
-            self.count += 1
-        if not self.main:
-            return
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{sum(terms.values()):.4f}", lr=f"{run.optimization.lr:.2e}")
-        if self.count and (step % run.args.logging_steps == 0 or step == run.args.max_steps):
-            run.history.append({"step": step, **{k: v / self.count for k, v in self.sums.items()}})
-            for name, value in self.sums.items():
-                self.writer.add_scalar(f"train/{name}", value / self.count, step)
-            self.writer.add_scalar("train/loss", sum(self.sums.values()) / self.count, step)
-            self.writer.add_scalar("train/lr", run.optimization.lr, step)
-            self.writer.add_scalar("train/grad_norm", float(grad_norm), step)
-            self.sums, self.count = {}, 0
-
-    def dev(self, scores: dict) -> None:
-        step = self.run.step
-        self.run.dev_history.append({"step": step, **scores})
-        for name, value in scores.items():
-            self.writer.add_scalar(f"dev/{name}", value, step)
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
 def due(run: Run, every: int) -> bool:
     return run.step % every == 0 or run.step == run.args.max_steps
 
 
 def checkpoint(run: Run) -> None:
-    """Rank 0 writes the checkpoint (atomically); every rank waits for it."""
-    if run.d.main:
+    """Rank 0 writes the checkpoint (atomically); every rank waits for it, and stops too when it fails."""
+    def save() -> None:
+        if not run.d.main:
+            return
         try:
             save_checkpoint(run.out, run.step, run.student.model, run.student.projections, run.optimization,
                             run.vocab_file, run.args, run.args.save_total_limit, run.logs())
@@ -322,8 +322,8 @@ def checkpoint(run: Run) -> None:
             kept = f"the newest complete checkpoint is {found[-1]}" if found else "no earlier checkpoint"
             raise CorpusError(f"could not write the checkpoint of step {run.step} in {run.out}: {e}; {kept} "
                               f"(untouched). Free space and re-run with --resume.") from None
-    if run.d.world > 1:
-        dist.barrier()
+
+    on_every_rank(run.d, save, f"writing the checkpoint of step {run.step}")
 
 
 def write_final(run: Run, summary: dict) -> None:
@@ -349,18 +349,27 @@ def summary_lines(output_dir: str, summary: dict) -> list[str]:
 
 # ------------------------------------------------------------------ the loop
 def train(args: DistillArguments) -> dict:
-    check_inputs(args)
-    matches = run_matches(args)
-    check_shapes(args, matches)
-    d, device = setup_distributed(args.device)
-    claim, request = decide_run(args, d, matches)
+    check_device(args.device)
+    d, device = setup_distributed(args.device)  # first: a check that fails on one node must stop every node
+
+    def setup() -> tuple:
+        check_inputs(args)
+        matches = run_matches(args)
+        check_shapes(args, matches)
+        return (matches, *decide_run(args, d, matches))
+
+    matches, claim, request = on_every_rank(d, setup, "checking the run's inputs and output folder")
+    found = checkpoints(Path(args.output_dir)) if claim.state == "resume" else []
+    agree(d, {"output_dir": claim.state, "resume_from_step": checkpoint_step(found[-1]) if found else 0,
+              "settings_and_inputs": request_digest(request)}, "the run")
     if claim.state == "done":
         summary_file = Path(args.output_dir) / SUMMARY_NAME
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         if d.world > 1:  # every rank decided alike from the same record
             dist.destroy_process_group()
         return {"steps": args.max_steps, "seconds": 0.0, "dev": {}} | summary | {"skipped": True}
-    run = build_run(args, d, device, args.distill_config(matches), claim.state == "resume")
+    run = on_every_rank(d, lambda: build_run(args, d, device, args.distill_config(matches), claim.state == "resume"),
+                        "loading the models and the dataset")
     collator = ChineseWWMCollator(run.tokenizer, args.mlm_probability, seed=args.seed)
     order = DataOrder(len(run.data["train"]), args.seed)
     checked: dict = {}
@@ -378,8 +387,8 @@ def train(args: DistillArguments) -> dict:
     run.student.train()
     try:
         while run.step < args.max_steps:
-            terms, bad = forward_backward(run, collator, order)
-            grad_norm, skipped = update(run, bad)
+            names, total = forward_backward(run, step_batches(run, collator, order))
+            terms, grad_norm, skipped = update(run, names, total)
             run.step += 1
             progress.step(terms, grad_norm, skipped)
             if run.dev_set is not None and due(run, args.eval_steps) and d.main:

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--max_seq_length", type=int, help="Tokens per --dev_file input (default: the run's).")
     ap.add_argument("--atol", type=float, default=1e-4,
                     help="Refuse the export when ONNX fp32 differs from PyTorch by more (default 1e-4).")
-    ap.add_argument("--opset", type=int, help="ONNX opset (default: torch's exporter's).")
+    ap.add_argument("--opset", type=int, help="ONNX opset (default 17).")
     ap.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args()
     if args.max_seq_length is not None and args.max_seq_length < 8:

@@ -33,6 +33,7 @@ class Case:
     args: tuple[str, ...]  # "{ws}" is the workspace
     expect: str  # words the error line holds
     cwd: str | None = None  # relative to the workspace; default: the repository root
+    env: tuple[tuple[str, str], ...] = ()  # set for the command (e.g. what torchrun sets)
 
 
 REF = "pretraining/run_chinese_ref.py"
@@ -226,6 +227,11 @@ CASES = [
          "data file not found"),
     Case("ft-cuda", "--device cuda without CUDA", CLS, (*CLS_ARGS, "--device", "cuda", "--output_dir", "{ws}/o"),
          "no CUDA device"),
+    Case("ft-torchrun", "fine-tuning started by torchrun on several GPUs", CLS,
+         (*CLS_ARGS, "--output_dir", "{ws}/o"), "run one process per GPU instead",
+         env=(("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"))),
+    Case("mrc-torchrun", "reading comprehension started by torchrun", MRC, MRC_ARGS, "WORLD_SIZE=4",
+         env=(("WORLD_SIZE", "4"), ("RANK", "0"), ("LOCAL_RANK", "0"))),
     Case("mrc-answers-outside", "reading comprehension answers that are not in their context", MRC,
          ("--task", "cmrc2018", "--model", "{ws}/teacher", "--train_file", "{ws}/ft/mrc_bad.json", "--dev_file",
           "{ws}/ft/mrc.json", "--output_dir", "{ws}/o"), "no usable training examples"),
@@ -408,7 +414,7 @@ def outcomes(workspace) -> tuple[dict[str, subprocess.CompletedProcess], dict, d
         args = [a.replace("{ws}", str(workspace)) for a in case.args]
         cwd = workspace / case.cwd if case.cwd else ROOT
         return subprocess.run([sys.executable, str(ROOT / case.script), *args], cwd=cwd, capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, env=dict(os.environ, **dict(case.env)))
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = dict(zip([c.id for c in CASES], pool.map(run, CASES)))

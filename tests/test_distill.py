@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from minirbt.data import build_pretraining_dataset
-from minirbt.matches import PRESETS, build_projections, check_matches, match_losses, needs_attentions, resolve_matches
+from minirbt.matches import (
+    PRESETS,
+    build_projections,
+    check_matches,
+    match_losses,
+    needs_attentions,
+    resolve_matches,
+    student_features,
+)
 from minirbt.refs import RefBuilder, write_ref_file
 from minirbt.segmentation import make_segmenter
 from minirbt.textio import CorpusError
@@ -183,8 +191,8 @@ def test_every_preset_runs_a_step(preset):
     mask[1, 9:] = 0
     out_t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
     out_s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
-    losses = match_losses(matches, proj, out_s.hidden_states, out_t.hidden_states, out_s.attentions,
-                          out_t.attentions, mask)
+    features = student_features(matches, proj, out_s.hidden_states, out_s.attentions)
+    losses = match_losses(matches, features, out_t.hidden_states, out_t.attentions, mask)
     assert len(losses) == len(matches) and all(torch.isfinite(x) and x >= 0 for x in losses)
     sum(losses).backward()
     assert student.embeddings.word_embeddings.weight.grad is not None
@@ -308,3 +316,126 @@ def test_waiting_node_returns_once_node_0_wrote_the_teacher_assistant(tmp_path):
     assert stages.wait_for(stages.MODEL, folder, timeout=30, poll=0.1)["complete"]
     with pytest.raises(CorpusError, match="filesystem every node sees"):
         stages.wait_for(stages.MODEL, tmp_path / "never", timeout=0.3, poll=0.1)
+
+
+# ------------------------------------------------------------------ multi-GPU / multi-node paths, on CPU and gloo
+def test_matches_only_distillation_on_two_processes_equals_one(tiny_teacher, dataset, student_config, tmp_path):
+    """No KD and no MLM loss: the LM head gets no gradient. Under DDP that used to stop the run at step 2."""
+    common = ["--teacher", str(tiny_teacher), "--dataset", str(dataset), "--student_config", str(student_config),
+              "--matches", MATCHES, "--kd_weight", "0", "--mlm_weight", "0", "--max_steps", "3", "--batch_size",
+              "4", "--learning_rate", "1e-3", "--save_steps", "3", "--eval_steps", "0", "--seed", "6",
+              "--min_teacher_accuracy", "0"]
+    run_script("pretraining/train.py", *common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29541", str(ROOT / "pretraining/train.py"), *common,
+                           "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    torch.manual_seed(6)  # the trainer's seeded init: the head kept it, the encoder moved away from it
+    init = BertForMaskedLM(BertConfig.from_json_file(str(student_config))).state_dict()
+    assert torch.equal(a["cls.predictions.transform.dense.weight"], init["cls.predictions.transform.dense.weight"])
+    assert not torch.equal(a["bert.encoder.layer.0.attention.self.query.weight"],
+                           init["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_nodes_that_see_different_output_folders_stop_together(tiny_teacher, dataset, student_config, tmp_path):
+    """Node-local disks: node 0 finds a checkpoint, node 1 an empty folder. Both must stop with the
+    shared-filesystem message (not hang, not train different loops), and node 0's checkpoint stays as it was."""
+    base = ["--teacher", str(tiny_teacher), "--dataset", str(dataset), "--student_config", str(student_config),
+            "--matches", MATCHES, "--mlm_weight", "1", "--batch_size", "4", "--save_steps", "2", "--eval_steps",
+            "0", "--seed", "7", "--min_teacher_accuracy", "0"]
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    # one process with accumulation 2 = the same run as 2 processes (its record says 2 micro-batches per step)
+    run_script("pretraining/train.py", *base, "--max_steps", "2", "--gradient_accumulation_steps", "2",
+               "--output_dir", node0)
+    before = {p.name: p.stat().st_mtime_ns for p in node0.rglob("*")}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                               "29547", str(ROOT / "pretraining/train.py"), *base, "--max_steps", "4", "--resume",
+                               "--accept_changed", "max_steps", "--output_dir", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank, out in enumerate((node0, node1))]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode != 0
+        assert "resume_from_step=2" in err and "resume_from_step=0" in err, err[-2000:]
+        assert "must be on a filesystem every node sees" in err, err[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in node0.rglob("*")} == before
+    assert not any(node1.iterdir()) if node1.exists() else True
+
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the calls that make the host wait for the device: reading values (item, tolist, bool(), ...),
+    data-dependent shapes (nonzero, boolean-mask indexing) and copies to the host."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "masked_select", "unique", "equal",
+             "allclose"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        counted = name in self.READS
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            counted = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        on_device = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu"
+        targets = [str(a) for a in (*args[1:], *(kwargs or {}).values())]
+        if on_device and (name in ("cpu", "numpy") or name == "to" and "cpu" in targets):
+            counted = True  # a copy to the host
+        if counted:
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def test_host_syncs_per_step_do_not_grow_with_loss_terms_or_accumulation(tiny_teacher, dataset, student_config,
+                                                                         tmp_path):
+    from minirbt.collator import ChineseWWMCollator
+    from minirbt.pretrain_setup import Dist, check_inputs, run_matches
+    from minirbt.trainer import DataOrder, build_run, forward_backward, step_batches, update
+
+    with HostSyncs() as probe:  # the counter sees a sync when there is one
+        torch.ones(2).sum().item()
+        torch.ones(3)[torch.tensor([True, False, True])]
+    assert probe.total == 2
+    one_match = json.dumps(json.loads(MATCHES)[1:2])
+    counts = {}
+    for label, matches, weights, accumulation, padded in (("1 match alone, A=1", one_match, 0.0, 1, False),
+                                                          ("3 matches + KD + MLM, A=4", MATCHES, 1.0, 4, True)):
+        args = args_for(tiny_teacher, dataset, student_config, tmp_path / label, matches=[matches],
+                        gradient_accumulation_steps=accumulation, batch_size=4, kd_weight=weights,
+                        mlm_weight=weights)
+        check_inputs(args)
+        run = build_run(args, Dist(), torch.device("cpu"), args.distill_config(run_matches(args)), resume=False)
+        collator = ChineseWWMCollator(run.tokenizer, args.mlm_probability, seed=args.seed)
+        order = DataOrder(len(run.data["train"]), args.seed)
+        steps = []
+        for _ in range(2):
+            batches = step_batches(run, collator, order)
+            if padded:  # padding takes the other mask path
+                for b in batches:
+                    b["attention_mask"][0, -3:] = 0
+                    b["padded"] = True
+            with HostSyncs() as syncs:
+                terms, _, _ = update(run, *forward_backward(run, batches))
+            run.step += 1
+            steps.append(syncs.calls)
+        assert len(terms) == (1 if accumulation == 1 else 5)  # kd + mlm + 3 matches
+        counts[label] = steps
+    flat = [sum(c.values()) for steps in counts.values() for c in steps]
+    assert max(flat) <= 2 and len(set(flat)) == 1, counts

@@ -222,3 +222,32 @@ def test_mrc_test_file_and_resume_after_a_failed_checkpoint(shared_data, tmp_pat
     preds = json.loads((tmp_path / "unanswered" / "test_predictions.json").read_text())
     assert "test_f1" not in unscored and len(preds) == sum(len(p["qas"]) for d in unanswered["data"]
                                                            for p in d["paragraphs"])
+
+
+def test_fine_tuning_checkpoint_restores_the_cuda_generators(tmp_path, monkeypatch):
+    """Dropout on a GPU draws from the CUDA generators: a resumed seed must continue them, not restart them.
+    CUDA is simulated (two devices whose generator states live in a dict) so the round trip runs on CPU."""
+    import torch
+
+    from minirbt.checkpoints import SeedCheckpoints
+    from minirbt.matches import build_projections
+    from minirbt.optim import Optimization
+
+    generators = {0: torch.arange(16, dtype=torch.uint8), 1: torch.arange(16, 32, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [generators[i].clone() for i in range(2)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: generators.__setitem__(device, state))
+
+    model = tiny_bert(layers=1, hidden=32, heads=2, ffn=64)
+    projections = build_projections([])
+    opt = Optimization(model, projections, lr=1e-3, weight_decay=0.0, eps=1e-6, bias_correction=True,
+                       warmup_steps=0, total_steps=4, max_grad_norm=1.0)
+    best = {"score": 0.5, "epoch": 1, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    saved = {i: s.clone() for i, s in generators.items()}
+    SeedCheckpoints(tmp_path, seed=1, resume=False).save_epoch(1, model, projections, opt, best, [])
+    generators[0], generators[1] = torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)
+    epoch, _, _ = SeedCheckpoints(tmp_path, seed=1, resume=True).restore(model, projections, opt)
+    assert epoch == 1
+    assert all(torch.equal(generators[i], saved[i]) for i in range(2))

@@ -133,7 +133,7 @@ def test_each_head_gives_the_same_terms_through_its_adaptor():
     labels = torch.tensor([[-100, 5, -100, 7]])
     lm = torch.randn(2, 10)
     terms = distill_terms(DistillConfig(8.0, kd_loss_weight=0.0, hard_label_weight=1.0),
-                          mlm_adaptor((lm, None, None), {"labels": labels}, labels=True), None,
+                          mlm_adaptor((lm, None, None), {"masked_labels": labels[labels != -100]}, labels=True), None,
                           build_projections([]), None)
     assert list(terms) == ["mlm"] and torch.allclose(terms["mlm"], F.cross_entropy(lm, torch.tensor([5, 7])))
     assert nonfinite_terms(terms) == [] and nonfinite_terms({"kd": torch.tensor(math.nan)}) == ["term kd = nan"]

@@ -413,3 +413,13 @@ def test_killed_stages_leave_nothing_a_later_stage_accepts(tmp_path, vocab_dir):
     a, b = load_pretraining_dataset(tmp_path / "straight_ds")["train"], load_pretraining_dataset(out)["train"]
     assert len(a) == len(b) > 100
     assert a["input_ids"] == b["input_ids"] and a["chinese_ref"] == b["chinese_ref"]
+
+
+def test_gpu_smoke_script_passes_on_cpu(tmp_path):
+    """The script a user runs first on GPUs runs its three checks here too (CPU, gloo) and they pass."""
+    proc = subprocess.run(["sh", str(ROOT / "scripts/gpu_smoke.sh"), "--device", "cpu", "--work", str(tmp_path / "w")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    passed = [line for line in proc.stdout.splitlines() if line.startswith("PASS")]
+    assert len(passed) == 3 and "3/3 checks passed" in proc.stdout, proc.stdout
+    assert all("max |weight difference| 0 " in line for line in passed[::2])  # exact on CPU: resume, fine-tuning
