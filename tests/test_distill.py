@@ -140,22 +140,29 @@ def test_resume_after_kill_is_exact(tiny_teacher, dataset, student_config, tmp_p
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher, dataset, student_config, tmp_path):
-    common = ["--teacher", str(tiny_teacher), "--dataset", str(dataset), "--student_config", str(student_config),
-              "--matches", MATCHES, "--temperature", "1", "--mlm_weight", "1", "--max_steps", "4", "--batch_size", "4",
-              "--learning_rate", "1e-3", "--save_steps", "4", "--eval_steps", "0", "--seed", "5",
-              "--min_teacher_accuracy", "0"]
+def one_process_equals_two(common: list, tmp_path, port: int) -> dict:
+    """train.py with ``common`` once with accumulation 2 and once on 2 gloo processes: the same final weights
+    (returned, from the one-process run)."""
     run_script("pretraining/train.py", *common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", str(ROOT / "pretraining/train.py"), *common,
+                           "--master_port", str(port), str(ROOT / "pretraining/train.py"), *common,
                            "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    changed = final_weights(tmp_path / "one")["bert.encoder.layer.0.attention.self.query.weight"]
+    return a
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher, dataset, student_config, tmp_path):
+    common = ["--teacher", str(tiny_teacher), "--dataset", str(dataset), "--student_config", str(student_config),
+              "--matches", MATCHES, "--temperature", "1", "--mlm_weight", "1", "--max_steps", "4", "--batch_size", "4",
+              "--learning_rate", "1e-3", "--save_steps", "4", "--eval_steps", "0", "--seed", "5",
+              "--min_teacher_accuracy", "0"]
+    a = one_process_equals_two(common, tmp_path, 29533)
+    changed = a["bert.encoder.layer.0.attention.self.query.weight"]
     init = BertForMaskedLM(BertConfig.from_json_file(str(student_config)))
     assert not torch.allclose(changed, init.bert.encoder.layer[0].attention.self.query.weight)
 
@@ -325,16 +332,7 @@ def test_matches_only_distillation_on_two_processes_equals_one(tiny_teacher, dat
               "--matches", MATCHES, "--kd_weight", "0", "--mlm_weight", "0", "--max_steps", "3", "--batch_size",
               "4", "--learning_rate", "1e-3", "--save_steps", "3", "--eval_steps", "0", "--seed", "6",
               "--min_teacher_accuracy", "0"]
-    run_script("pretraining/train.py", *common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29541", str(ROOT / "pretraining/train.py"), *common,
-                           "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    a = one_process_equals_two(common, tmp_path, 29541)
     torch.manual_seed(6)  # the trainer's seeded init: the head kept it, the encoder moved away from it
     init = BertForMaskedLM(BertConfig.from_json_file(str(student_config))).state_dict()
     assert torch.equal(a["cls.predictions.transform.dense.weight"], init["cls.predictions.transform.dense.weight"])
