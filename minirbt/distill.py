@@ -1,6 +1,6 @@
 """The distillation loss, written once for every stage, in TextBrewer's vocabulary.
 
-A stage (MLM pretraining, classification, span extraction) differs only in what its
+A stage (MLM pretraining, classification, span extraction, NER) differs only in what its
 model returns, so each has an *adaptor* (TextBrewer's word) that turns the model's
 outputs and the batch into the same four things:
 
@@ -102,6 +102,16 @@ def span_adaptor(outputs, batch: dict, labels: bool) -> Adapted:
         losses["hard_label"] = (F.cross_entropy(start, batch["start_positions"])
                                 + F.cross_entropy(end, batch["end_positions"])) / 2
     return {"logits": [start, end], "losses": losses, "hidden": outputs.hidden_states,
+            "attention": outputs.attentions}
+
+
+def token_adaptor(outputs, batch: dict, labels: bool) -> Adapted:
+    """Token classification (NER): the tag logits of every scored position (a token's first sub-token, where
+    ``batch["labels"]`` is not -100), one row each, for the KD loss and the hard-label loss alike."""
+    scored = batch["labels"] != -100
+    logits = outputs.logits.float()[scored]
+    losses = {"hard_label": F.cross_entropy(logits, batch["labels"][scored])} if labels else {}
+    return {"logits": [logits], "losses": losses, "hidden": outputs.hidden_states,
             "attention": outputs.attentions}
 
 

@@ -1,8 +1,8 @@
 """Stage 5, what every fine-tuning task shares: arguments, the output claim, and the training loop.
 
-One loop for classification (:mod:`minirbt.classification`) and span extraction
-(:mod:`minirbt.mrc`): for each seed, from the same starting folder, epochs over
-shuffled batches, PyTorch's AdamW with linear warm-up/decay (``minirbt.optim``),
+One loop for classification (:mod:`minirbt.classification`), span extraction
+(:mod:`minirbt.mrc`) and token classification (:mod:`minirbt.ner`): for each seed, from the same
+starting folder, epochs over shuffled batches, PyTorch's AdamW with linear warm-up/decay (``minirbt.optim``),
 dev scores after every epoch, the best epoch kept, a checkpoint per epoch so a
 killed run resumes (``--resume``, :class:`minirbt.checkpoints.SeedCheckpoints`). With
 ``--teacher`` (a fine-tuned folder of the same task) the loss is task distillation
@@ -44,7 +44,7 @@ FINETUNE_ADAM_EPSILON = 1e-8
 
 @dataclass
 class CommonArguments(TrainingFlags):
-    """The flags of both fine-tuning scripts (run_classification.py and run_mrc.py)."""
+    """The flags of every fine-tuning script (run_classification.py, run_mrc.py, run_ner.py)."""
 
     task: str = field(metadata={"help": "Task name (see --help of the script)."})
     model: str = field(metadata={"help": "Model folder or Hugging Face model id to fine-tune (e.g. hfl/rbt6)."})
@@ -101,7 +101,8 @@ NOT_RECORDED = ("model", "train_file", "dev_file", "test_file", "output_dir", "t
 INPUT_FOLDERS = ("model", "teacher", "augment_mlm", "ltp_model")
 INPUT_FILES = ("train_file", "dev_file", "test_file")
 # What a fine-tuning run writes into its output_dir (removed when --overwrite_output replaces it).
-RUN_FILES = ("checkpoints", "best", "results.json", "dev_predictions.*", "test_predictions.*", ".*.tmp-*")
+RUN_FILES = ("checkpoints", "best", "results.json", "dev_predictions.*", "test_predictions.*", "predictions_*.txt",
+             ".*.tmp-*")
 
 
 def claim_output(args: CommonArguments, kind: stages.Kind) -> tuple[stages.Claim, dict]:
@@ -235,6 +236,11 @@ def pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for key in ("label", "start_positions", "end_positions"):
         if key in rows[0]:
             out[key] = torch.tensor([r[key] for r in rows])
+    if "labels" in rows[0]:  # token classification: one label per position, -100 where nothing is scored
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
+        out["labels"] = labels
     return out
 
 
@@ -332,6 +338,8 @@ def fit_seed(args: CommonArguments, task: TaskRun, teacher, config: DistillConfi
 def train_epoch(args: CommonArguments, task: TaskRun, model, teacher, config: DistillConfig, projections,
                 optimization: Optimization, seed: int, epoch: int, device, autocast, pad_id: int) -> None:
     rows = task.train_rows
+    model.train()  # from_pretrained returns a model in eval mode: without this, dropout would depend on whether
+    # a dev evaluation ran before the epoch (a resumed epoch would differ from an uninterrupted one)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     outputs = {"output_hidden_states": config.needs_hidden, "output_attentions": config.needs_attentions}
     bar = tqdm(range(0, len(order), args.batch_size), desc=f"seed {seed} epoch {epoch + 1}", leave=False)

@@ -113,7 +113,16 @@ def stage_corpus(out: Path, r: Recipe, corpus: str | None) -> dict:
         print(f"{report_path.parent}: done, skipped")
         return json.loads(report_path.read_text())
     sizes = r.corpus["sentiment"]
-    split = demo_split(sizes["train"], sizes["dev"], sizes["test"])
+    held_out: set[int] = set()
+    if r.ner:  # the NER sentences' paragraphs never reach the pretraining text
+        from minirbt.ner_data import peoples_daily_split, write_ner
+
+        n = r.ner["sentences"]
+        ner = peoples_daily_split(n["train"], n["dev"], n["test"])
+        for name in ("train", "dev", "test"):
+            write_ner(out / "ner" / f"{name}.txt", getattr(ner, name))
+        held_out = ner.paragraphs
+    split = demo_split(sizes["train"], sizes["dev"], sizes["test"], held_out_news=held_out)
     train, dev = split.pretrain_train, split.pretrain_dev
     report = dict(split.report)
     if corpus is not None:  # the user's own corpus replaces the embedded pretraining text
@@ -132,6 +141,8 @@ def stage_corpus(out: Path, r: Recipe, corpus: str | None) -> dict:
     write_lines(out / "corpus" / "dev.txt", dev)
     for name, rows in split.sentiment.items():
         write_sentiment(out / "sentiment" / f"{name}.tsv", rows)
+    if r.ner:
+        report |= {f"ner_{k}": v for k, v in r.ner["sentences"].items()} | {"ner_paragraphs_held_out": len(held_out)}
     report |= {"pretrain_train_lines": len(train), "pretrain_dev_lines": len(dev),
                **{f"sentiment_{k}": len(v) for k, v in split.sentiment.items()}}
     with atomic_path(report_path, replace=True) as tmp:
@@ -189,34 +200,67 @@ def distill(out: Path, settings: dict, teacher: Path | None, student: dict, data
 
 
 def finetune(model_dir: Path, out: Path, r: Recipe, sentiment: Path) -> dict:
-    """Fine-tune and score one model on the held-out sentiment set (several seeds; with [finetune]
-    learning_rates, at each rate, keeping the rate with the best mean dev accuracy); skipped when done."""
+    """Fine-tune and score one model on the held-out sentiment set; skipped when done. With [finetune]
+    learning_rates: the first seed at each rate, the rate with its best dev accuracy kept, the other seeds at
+    that rate only (the search costs one seed per extra rate, not every seed)."""
     from minirbt.classification import ClassificationArguments, run_classification
+    from minirbt.cli import parse_seeds
 
-    settings = {k: v for k, v in r.finetune.items() if k != "learning_rates"}
+    settings = {k: v for k, v in r.finetune.items() if k not in ("learning_rates", "seeds")}
+    seeds = parse_seeds(str(r.finetune.get("seeds", "1")))
 
-    def run_one(folder: Path, lr: float | None) -> dict:
+    def run_one(folder: Path, lr: float | None, seed_list: list[int]) -> dict:
         """run_classification skips a finished run itself (same settings and inputs)."""
         args = ClassificationArguments(task=TASK, model=str(model_dir), train_file=str(sentiment / "train.tsv"),
                                        dev_file=str(sentiment / "dev.tsv"), test_file=str(sentiment / "test.tsv"),
-                                       output_dir=str(folder), resume=True, learning_rate=lr, **settings)
+                                       output_dir=str(folder), resume=True, learning_rate=lr,
+                                       seeds=",".join(map(str, seed_list)), **settings)
         result = run_classification(args)
         print(f"{folder}: dev accuracy {result['accuracy']:.4f}, test {result['test_accuracy']:.4f}", flush=True)
         return result
 
     rates = r.finetune.get("learning_rates")
     if not rates:
-        return run_one(out, None)
-    tried = [(lr, run_one(out / f"lr-{lr:g}", lr)) for lr in rates]
-    lr, best = max(tried, key=lambda t: t[1]["accuracy"])  # dev accuracy, mean over seeds; first rate on a tie
-    chosen = best | {"learning_rate": lr,
-                     "learning_rate_search": [{"learning_rate": x, "dev_accuracy": res["accuracy"],
-                                               "test_accuracy": res["test_accuracy"]} for x, res in tried]}
-    print(f"{model_dir.name}: learning rate {lr:g} (dev " + ", ".join(
+        return run_one(out, None, seeds)
+    tried = [(lr, run_one(out / f"lr-{lr:g}", lr, seeds[:1])) for lr in rates]
+    lr, best = max(tried, key=lambda t: t[1]["accuracy"])  # the first seed's dev accuracy; first rate on a tie
+    print(f"{model_dir.name}: learning rate {lr:g} (dev, seed {seeds[0]}: " + ", ".join(
         f"{x:g}: {100 * res['accuracy']:.2f}%" for x, res in tried) + ")", flush=True)
+    if len(seeds) > 1:
+        rest = run_one(out / f"lr-{lr:g}-seeds-{'-'.join(map(str, seeds[1:]))}", lr, seeds[1:])
+        best = merge_seeds(best, rest)
+    chosen = best | {"learning_rate": lr,
+                     "learning_rate_search": [{"learning_rate": x, "seed": seeds[0], "dev_accuracy": res["accuracy"],
+                                               "test_accuracy": res["test_accuracy"]} for x, res in tried]}
     with atomic_path(out / "results.json", replace=True) as tmp:
         tmp.write_text(json.dumps(chosen, indent=2) + "\n")
     return chosen
+
+
+def merge_seeds(first: dict, rest: dict) -> dict:
+    """Two run_classification results of the same model and rate, other seeds: one result over all the seeds."""
+    import numpy as np
+
+    per_seed = first["per_seed"] + rest["per_seed"]
+    dev = [x["accuracy"] for x in per_seed]
+    test = [x["test_accuracy"] for x in per_seed]
+    best = max(per_seed, key=lambda x: x["accuracy"])
+    return first | {"per_seed": per_seed, "accuracy": float(np.mean(dev)), "std": float(np.std(dev)),
+                    "best": max(dev), "best_seed": best["seed"], "test_accuracy": float(np.mean(test)),
+                    "test_std": float(np.std(test))}
+
+
+def finetune_ner(model_dir: Path, out: Path, r: Recipe, ner_dir: Path) -> dict:
+    """Fine-tune and score one model on the held-out People's Daily NER set (run_ner.py); skipped when done."""
+    from minirbt.ner import NERArguments, run_ner
+
+    settings = {k: v for k, v in r.ner.items() if k not in ("sentences", "models")}
+    args = NERArguments(task="peoples_daily", model=str(model_dir), train_file=str(ner_dir / "train.txt"),
+                        dev_file=str(ner_dir / "dev.txt"), test_file=str(ner_dir / "test.txt"),
+                        output_dir=str(out), resume=True, **settings)
+    result = run_ner(args)
+    print(f"{out}: NER dev F1 {result['f1']:.2f}, test F1 {result['test_f1']:.2f}", flush=True)
+    return result
 
 
 @dataclass
@@ -321,10 +365,18 @@ def run(out: Path, r: Recipe, segmenter: str | None = None, teacher: str | None 
     header(f"8. fine-tuning every model on the held-out sentiment set (seeds {seeds})")
     rows = [(m, finetune(m.folder, out / "finetune" / m.key, r, out / "sentiment")) for m in roster]
 
+    ner = {}
+    if r.ner and teacher is None:
+        keys = r.ner.get("models", [m.key for m in roster])
+        header(f"8b. NER: fine-tuning {', '.join(keys)} on held-out People's Daily sentences "
+               f"(seeds {r.ner.get('seeds', '1')})")
+        ner = {m.key: finetune_ner(m.folder, out / "finetune_ner" / m.key, r, out / "ner") for m in roster
+               if m.key in keys}
+
     header("9. held-out masked-token accuracy, latency on this CPU, and the results")
     from minirbt.report import demo_results, write_results
 
-    results = demo_results(r, rows, dataset, vocab, split, teacher is None)
+    results = demo_results(r, rows, dataset, vocab, split, teacher is None, ner)
     end = time.perf_counter()
     results["seconds"] = end - t0
     results["stage_seconds"] = stage_seconds(end)

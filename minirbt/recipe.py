@@ -61,6 +61,7 @@ class Recipe:
     compare: list[list[str]] = field(default_factory=list)
     report: dict = field(default_factory=dict)
     global_batch: int | None = None
+    ner: dict = field(default_factory=dict)  # the demo's NER column: sentences, models, run_ner.py settings
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -155,6 +156,16 @@ def _check(r: Recipe) -> None:
     bad = sorted(set(r.finetune) - ft_flags - {"learning_rates"})
     if bad:
         raise CorpusError(f"{r.path}: [finetune] {', '.join(bad)}: not a run_classification.py setting")
+    if r.ner:
+        from minirbt.ner import NERArguments
+
+        ner_flags = {f.name for f in fields(NERArguments)} - {"task", "model", "train_file", "dev_file",
+                                                             "output_dir", "test_file", "resume"}
+        bad = sorted(set(r.ner) - ner_flags - {"sentences", "models"})
+        if bad:
+            raise CorpusError(f"{r.path}: [ner] {', '.join(bad)}: not a run_ner.py setting")
+        if set(r.ner.get("sentences", {})) != {"train", "dev", "test"}:
+            raise CorpusError(f"{r.path}: [ner] sentences must give train, dev and test")
     done = {TEACHER, r.ta_init_name}
     for s in r.stages:
         if s.teacher is not None and s.teacher not in done:
@@ -171,6 +182,9 @@ def _check(r: Recipe) -> None:
         if s.teacher is None and s.matches:
             raise CorpusError(f"{r.path}: stage {s.name!r}: matches need a teacher")
         done.add(s.name)
+    unknown = sorted(set(r.ner.get("models", [])) - done - {"teacher_random"})
+    if unknown:
+        raise CorpusError(f"{r.path}: [ner] models {', '.join(unknown)}: not a stage of the recipe")
     for pair in r.compare:
         if len(pair) != 3 or not {pair[0], pair[1]} <= done:
             raise CorpusError(f"{r.path}: compare entry {pair!r}: expected [stage, stage, what]")

@@ -104,15 +104,16 @@ def markdown_tables(results: dict) -> str:
              f"## Models of this run: {results['task']} test accuracy (mean of seeds {results['seeds']})", "",
              "| model | layers | hidden | heads | FFN | params | params w/o emb. | latency (ms) | speed-up "
              "| accuracy (%) | ± std | relative to teacher | fine-tuning lr | held-out MLM acc. (%) "
-             "| top-1 agreement (%) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| top-1 agreement (%) | NER test F1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         agree = f"{100 * m['teacher_agreement']:.1f} (with {m['agreement_with']})" if m.get("agreement_with") \
             else "-"
         lines.append(f"| {m['name']} | {m['layers']} | {m['hidden']} | {m['heads']} | {m['ffn']} | {_m(m['params'])} "
                      f"| {_m(m['params_no_emb'])} | {m['latency_ms']:.1f} | {m['speedup']:.1f}x "
                      f"| {100 * m['accuracy']:.2f} | {100 * m['accuracy_std']:.2f} | {100 * m['relative']:.1f}% "
-                     f"| {m['ft_learning_rate']:g} | {100 * m['heldout_mlm_accuracy']:.2f} | {agree} |")
+                     f"| {m['ft_learning_rate']:g} | {100 * m['heldout_mlm_accuracy']:.2f} | {agree} "
+                     f"| {_ner_cell(m)} |")
     tokens = results["models"][0].get("heldout_tokens")
     lines += ["", f"Latency: median forward pass of a batch of {lat['batch']} x {lat['seq_len']} tokens on this "
               f"machine's CPU ({lat['threads']} threads). Majority-class accuracy on test: "
@@ -120,6 +121,13 @@ def markdown_tables(results: dict) -> str:
               f"the pretraining text's held-out split ({tokens} masked tokens, the same whole-word masks for every "
               f"model); top-1 agreement: the share of those tokens where the model predicts what the model it was "
               f"distilled from predicts (the MLM-only student: with the teacher, as a baseline).", ""]
+    if results.get("ner"):
+        n = results["ner"]
+        lines += [f"NER test F1: {n['task']}, {n['sentences']['train']} / {n['sentences']['dev']} / "
+                  f"{n['sentences']['test']} train / dev / test sentences, {n['epochs']} epochs, best epoch on dev, "
+                  f"mean of seeds {n['seeds']}; test entities "
+                  + ", ".join(f"{t} {k}" for t, k in (n.get("test_entities") or {}).items())
+                  + " ('-': not fine-tuned on NER).", ""]
     for note in results.get("warnings", []):
         lines.append(f"**WARNING: {note}**")
         lines.append("")
@@ -146,6 +154,10 @@ def markdown_tables(results: dict) -> str:
                   + "."]
     lines.append("")
     return "\n".join(lines)
+
+
+def _ner_cell(m: dict) -> str:
+    return f"{m['ner_test_f1']:.2f} ± {m['ner_test_std']:.2f}" if "ner_test_f1" in m else "-"
 
 
 def plot_accuracy_vs_speedup(models: list[dict], path: Path, title: str) -> None:
@@ -181,9 +193,12 @@ def write_results(out_dir: Path, results: dict) -> None:
 
 
 # ------------------------------------------------------------------ the demo's results
-def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_in: bool) -> dict:
+def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_in: bool,
+                 ner: dict | None = None) -> dict:
     """The results of a recipe run (:func:`minirbt.pipeline.run`): for each (model, fine-tuning result) its shape,
-    latency, held-out MLM accuracy and test accuracy; the real-size latency table; findings and warnings."""
+    latency, held-out MLM accuracy, test accuracy and (``ner``: model key -> run_ner result) NER test F1; the
+    real-size latency table; findings and warnings."""
+    ner = ner or {}
     mlm = heldout_mlm({m.key: m.folder for m, _ in rows}, {m.key: m.compared_with for m, _ in rows}, dataset, vocab)
     repeats = r.report.get("latency_repeats", 10)
     lat = {"batch": 8, "seq_len": 128, "threads": torch.get_num_threads()}
@@ -195,7 +210,10 @@ def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_i
                       "accuracy": res["test_accuracy"], "accuracy_std": res["test_std"],
                       "dev_accuracy": res["accuracy"], "per_seed": [x["test_accuracy"] for x in res["per_seed"]],
                       "ft_learning_rate": res.get("learning_rate", res["per_seed"][0].get("learning_rate")),
-                      "ft_learning_rate_search": res.get("learning_rate_search", []), **mlm[m.key]})
+                      "ft_learning_rate_search": res.get("learning_rate_search", []), **mlm[m.key],
+                      **({"ner_test_f1": ner[m.key]["test_f1"], "ner_test_std": ner[m.key]["test_std"],
+                          "ner_dev_f1": ner[m.key]["f1"], "ner_per_type": ner[m.key]["test_per_type"]}
+                         if m.key in ner else {})})
     base_lat, base_acc = table[0]["latency_ms"], table[0]["accuracy"]
     for row in table:
         row["speedup"] = base_lat / row["latency_ms"]
@@ -211,6 +229,12 @@ def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_i
         results["teacher_curve"] = [{"step": e["step"], "mlm_loss": e["student_mlm_loss"],
                                      "mlm_accuracy": e["student_mlm_accuracy"]}
                                     for e in summary.get("dev_history", [])]
+    if ner:
+        first = next(iter(ner.values()))
+        results["ner"] = {"task": "People's Daily 1998 NER (held out), entity-level F1 (seqeval)",
+                          "seeds": r.ner.get("seeds", "1"), "epochs": first["args"]["epochs"],
+                          "sentences": r.ner["sentences"],
+                          "test_entities": {t: v["support"] for t, v in first["test_per_type"].items()}}
     results["findings"] = findings(table, results.get("teacher_curve"), r.compare)
     results["warnings"] = []
     by = {row["key"]: row for row in table}
@@ -238,7 +262,7 @@ def _description(r, split: dict, stand_in: bool) -> str:
             f"best epoch on {split.get('sentiment_dev')} dev reviews, accuracy on {split.get('sentiment_test')} "
             f"test reviews"
             + (f"; each model at the learning rate (of {', '.join(f'{x:g}' for x in rates)}) with the "
-               f"best mean dev accuracy." if rates else "."))
+               f"best dev accuracy of the first seed, the other seeds at that rate." if rates else "."))
 
 
 def findings(table: list[dict], curve: list[dict] | None, compare: list[list[str]]) -> list[str]:
@@ -257,6 +281,9 @@ def findings(table: list[dict], curve: list[dict] | None, compare: list[list[str
     cmp("teacher", "teacher_random", "Pretraining")
     for a, b, what in compare:
         cmp(a, b, what)
+    if any("ner_test_f1" in r for r in table):
+        out.append("NER (held-out People's Daily, test F1): " + ", ".join(
+            f"{r['name']} {r['ner_test_f1']:.2f}" for r in table if "ner_test_f1" in r) + ".")
     if all("heldout_mlm_accuracy" in r for r in table):
         out.append("Held-out masked-token accuracy (same masks for all): " + ", ".join(
             f"{r['name']} {100 * r['heldout_mlm_accuracy']:.2f}%" for r in table) + ".")

@@ -42,6 +42,7 @@ TA = "scripts/init_checkpoint_TA.py"
 TRAIN = "pretraining/train.py"
 CLS = "finetuning/run_classification.py"
 MRC = "finetuning/run_mrc.py"
+NER = "finetuning/run_ner.py"
 EXPORT = "scripts/export_onnx.py"
 PRUNE = "scripts/prune_vocab.py"
 REF_ARGS = ("--tokenizer", "{ws}/vocab", "--segmenter", "jieba", "--num_workers", "1")
@@ -54,6 +55,8 @@ CLS_ARGS = ("--task", "chnsenticorp", "--model", "{ws}/teacher", "--train_file",
             "--dev_file", "{ws}/ft/dev.csv", "--epochs", "1", "--max_seq_length", "32", "--seeds", "1")
 MRC_ARGS = ("--task", "cmrc2018", "--model", "{ws}/teacher", "--train_file", "{ws}/ft/mrc.json",
             "--dev_file", "{ws}/ft/mrc.json", "--output_dir", "{ws}/mrc_out")
+NER_ARGS = ("--task", "peoples_daily", "--model", "{ws}/teacher", "--train_file", "{ws}/ft/ner_train.txt",
+            "--dev_file", "{ws}/ft/ner_dev.txt", "--epochs", "1", "--max_seq_length", "32", "--output_dir", "{ws}/o")
 
 CASES = [
     # stage 1: refs
@@ -243,6 +246,16 @@ CASES = [
          (*MRC_ARGS, "--test_file", "{ws}/ft/none.json"), "none.json"),
     Case("mrc-augment", "--augment given to run_mrc.py", MRC, (*MRC_ARGS, "--augment", "1"),
          "unrecognized arguments: --augment"),
+    Case("ner-malformed", "an NER line without its tag", NER,
+         (*NER_ARGS[:5], "{ws}/ft/ner_notag.txt", *NER_ARGS[6:]), "ner_notag.txt:3: expected 'token tag'"),
+    Case("ner-bad-tag", "an NER tag that is not BIO", NER, (*NER_ARGS[:5], "{ws}/ft/ner_badtag.txt", *NER_ARGS[6:]),
+         "ner_badtag.txt:2: tag 'PER' is not O or B-"),
+    Case("ner-unknown-tag", "a dev tag the training file never has", NER,
+         (*NER_ARGS[:7], "{ws}/ft/ner_badtag_dev.txt", *NER_ARGS[8:]), "tags never seen in the training file: B-ORG"),
+    Case("ner-empty", "an empty NER file", NER, (*NER_ARGS[:7], "{ws}/ft/ner_empty.txt", *NER_ARGS[8:]),
+         "ner_empty.txt: no tagged tokens"),
+    Case("ner-peoples-daily-out", "the NER data set written into a user's folder", "scripts/peoples_daily_ner.py",
+         ("--output", "{ws}/mine", "--train", "5", "--dev", "2", "--test", "2"), "holds files this project did not"),
     # the rest
     Case("demo-out-user-folder", "the demo written into a user's folder", "scripts/demo.py",
          ("--quick", "--output_dir", "{ws}/mine"), "holds files this project did not write"),
@@ -403,6 +416,13 @@ def _fine_tuning_files(folder: Path, shared_data: Path) -> None:
                 for a in qa["answers"]:
                     a["text"] = "这个答案不在文中"  # in no context: nothing to learn from
     (folder / "mrc_bad.json").write_text(json.dumps(small, ensure_ascii=False), encoding="utf-8")
+    ner = "张\tB-PER\n三\tI-PER\n在\tO\n北\tB-LOC\n京\tI-LOC\n\n他\tO\n好\tO\n"
+    (folder / "ner_train.txt").write_text(ner * 5, encoding="utf-8")
+    (folder / "ner_dev.txt").write_text(ner, encoding="utf-8")
+    (folder / "ner_notag.txt").write_text("张\tB-PER\n三\tI-PER\n在\n", encoding="utf-8")
+    (folder / "ner_badtag.txt").write_text("张\tB-PER\n三\tPER\n", encoding="utf-8")
+    (folder / "ner_badtag_dev.txt").write_text(ner + "\n新\tB-ORG\n华\tI-ORG\n社\tI-ORG\n", encoding="utf-8")
+    (folder / "ner_empty.txt").write_text("\n\n", encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -442,6 +462,7 @@ def test_no_row_changed_the_workspace(outcomes, workspace):
 @pytest.mark.parametrize("script", ["pretraining/run_chinese_ref.py", "pretraining/my_datasets.py",
                                     "pretraining/train.py", "scripts/init_checkpoint_TA.py", "scripts/demo.py",
                                     "finetuning/run_classification.py", "finetuning/run_mrc.py",
+                                    "finetuning/run_ner.py", "scripts/peoples_daily_ner.py",
                                     "scripts/export_onnx.py", "scripts/prune_vocab.py"])
 def test_every_script_explains_its_flags(script):
     """--help prints every flag with its help (argparse formats help strings with %: a bare % breaks it)."""
