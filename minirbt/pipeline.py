@@ -263,6 +263,29 @@ def finetune_ner(model_dir: Path, out: Path, r: Recipe, ner_dir: Path) -> dict:
     return result
 
 
+def stage_deploy(out: Path, r: Recipe, rows: list) -> list[dict]:
+    """[deploy] models: each fine-tuned student exported to ONNX (+ int8) and vocabulary-pruned to the pretraining
+    text, every variant scored on the sentiment test set and timed (minirbt.deployment); skipped when done."""
+    from minirbt.deployment import deploy_student
+
+    keys = r.deploy["models"]
+    header(f"8c. deployment: {', '.join(keys)} as ONNX fp32 / int8 and vocabulary-pruned int8")
+    found = []
+    for m, res in rows:
+        if m.key in keys:
+            folder = out / "finetune" / m.key
+            best = folder / f"lr-{res['learning_rate']:g}" / "best" if r.finetune.get("learning_rates") \
+                else folder / "best"
+            found += deploy_student(m.key, best, out / "deploy" / m.key, out / "sentiment" / "test.tsv", TASK,
+                                    out / "corpus" / "train.txt", r.finetune.get("max_seq_length", 128),
+                                    r.report.get("latency_repeats", 10))
+            for row in found[-5:]:
+                print(f"{m.key} {row['runtime']}: test accuracy {100 * row['test_accuracy']:.2f}% "
+                      f"({row['change_points']:+.2f} points), {row['bytes'] / 1e6:.2f} MB, "
+                      f"{row['latency_ms']:.1f} ms per 8 x 128", flush=True)
+    return found
+
+
 @dataclass
 class Model:
     key: str  # folder name under models/ and finetune/
@@ -373,10 +396,12 @@ def run(out: Path, r: Recipe, segmenter: str | None = None, teacher: str | None 
         ner = {m.key: finetune_ner(m.folder, out / "finetune_ner" / m.key, r, out / "ner") for m in roster
                if m.key in keys}
 
+    deploy = stage_deploy(out, r, rows) if r.deploy else []
+
     header("9. held-out masked-token accuracy, latency on this CPU, and the results")
     from minirbt.report import demo_results, write_results
 
-    results = demo_results(r, rows, dataset, vocab, split, teacher is None, ner)
+    results = demo_results(r, rows, dataset, vocab, split, teacher is None, ner, deploy)
     end = time.perf_counter()
     results["seconds"] = end - t0
     results["stage_seconds"] = stage_seconds(end)

@@ -62,6 +62,7 @@ class Recipe:
     report: dict = field(default_factory=dict)
     global_batch: int | None = None
     ner: dict = field(default_factory=dict)  # the demo's NER column: sentences, models, run_ner.py settings
+    deploy: dict = field(default_factory=dict)  # the demo's deployment rows: models (stages) to export and prune
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -185,6 +186,10 @@ def _check(r: Recipe) -> None:
     unknown = sorted(set(r.ner.get("models", [])) - done - {"teacher_random"})
     if unknown:
         raise CorpusError(f"{r.path}: [ner] models {', '.join(unknown)}: not a stage of the recipe")
+    unknown = sorted(set(r.deploy.get("models", [])) - done - {"teacher_random"})
+    if unknown or (r.deploy and set(r.deploy) != {"models"}):
+        raise CorpusError(f"{r.path}: [deploy] takes models = [stage names] only (got {sorted(r.deploy)}; "
+                          f"unknown models: {', '.join(unknown) or 'none'})")
     for pair in r.compare:
         if len(pair) != 3 or not {pair[0], pair[1]} <= done:
             raise CorpusError(f"{r.path}: compare entry {pair!r}: expected [stage, stage, what]")

@@ -138,6 +138,18 @@ def markdown_tables(results: dict) -> str:
                   "| step | MLM loss | masked-token accuracy (%) |", "|---|---|---|"]
         lines += [f"| {c['step']} | {c['mlm_loss']:.3f} | {100 * c['mlm_accuracy']:.2f} |"
                   for c in results["teacher_curve"]]
+    if results.get("deployment"):
+        d = results["deployment"]
+        lines += ["", "## Deployment: the fine-tuned students as served (one model each: the first seed's best "
+                  "epoch)", "",
+                  "| model | runtime | vocab | weights (MB) | latency (ms) | speed-up vs teacher | test accuracy (%) "
+                  "| vs its PyTorch fp32 (points) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['name']} | {x['runtime']} | {x['vocab']:,} | {x['bytes'] / 1e6:.2f} | {x['latency_ms']:.1f} "
+                  f"| {x['speedup']:.1f}x | {100 * x['test_accuracy']:.2f} | {x['change_points']:+.2f} |" for x in d]
+        lines += ["", f"Latency: median forward pass of {lat['batch']} x {lat['seq_len']} tokens, the same batch for "
+                  f"every variant; int8: ONNX Runtime dynamic quantisation; pruned: the vocabulary cut to the tokens "
+                  f"of the pretraining text (scripts/prune_vocab.py). Test accuracy on the {d[0]['test_examples']} "
+                  f"held-out test reviews."]
     lines += ["", "## Real-size configs on this CPU (random weights; latency only)", "",
               "| model | layers | hidden | heads | FFN | params | params w/o emb. | latency (ms) | speed-up "
               "| MiniRBT's claimed speed-up |",
@@ -160,8 +172,9 @@ def _ner_cell(m: dict) -> str:
     return f"{m['ner_test_f1']:.2f} ± {m['ner_test_std']:.2f}" if "ner_test_f1" in m else "-"
 
 
-def plot_accuracy_vs_speedup(models: list[dict], path: Path, title: str) -> None:
-    """PNG: test accuracy (mean ± std over seeds) against measured speed-up, one point per model."""
+def plot_accuracy_vs_speedup(models: list[dict], path: Path, title: str, int8: list[dict] = ()) -> None:
+    """PNG: test accuracy (mean ± std over seeds) against measured speed-up, one point per model; the int8
+    deployment variants as squares (one model each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,6 +185,10 @@ def plot_accuracy_vs_speedup(models: list[dict], path: Path, title: str) -> None
         ax.errorbar(m["speedup"], 100 * m["accuracy"], yerr=100 * m["accuracy_std"], fmt="o", capsize=3)
         ax.annotate(m["name"], (m["speedup"], 100 * m["accuracy"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
+    for d in int8:
+        ax.plot(d["speedup"], 100 * d["test_accuracy"], "s", color="black", markersize=5)
+        ax.annotate(f"{d['name']}, {d['runtime']}", (d["speedup"], 100 * d["test_accuracy"]),
+                    textcoords="offset points", xytext=(5, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("speed-up over the teacher (CPU, log scale)")
     ax.set_ylabel("test accuracy (%)")
@@ -189,12 +206,13 @@ def write_results(out_dir: Path, results: dict) -> None:
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with atomic_path(out_dir / "results.md", replace=True) as tmp:
         tmp.write_text(markdown_tables(results), encoding="utf-8")
-    plot_accuracy_vs_speedup(results["models"], out_dir / "results.png", results["title"])
+    plot_accuracy_vs_speedup(results["models"], out_dir / "results.png", results["title"],
+                             [d for d in results.get("deployment", []) if d["int8"]])
 
 
 # ------------------------------------------------------------------ the demo's results
 def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_in: bool,
-                 ner: dict | None = None) -> dict:
+                 ner: dict | None = None, deploy: list[dict] | None = None) -> dict:
     """The results of a recipe run (:func:`minirbt.pipeline.run`): for each (model, fine-tuning result) its shape,
     latency, held-out MLM accuracy, test accuracy and (``ner``: model key -> run_ner result) NER test F1; the
     real-size latency table; findings and warnings."""
@@ -235,7 +253,16 @@ def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_i
                           "seeds": r.ner.get("seeds", "1"), "epochs": first["args"]["epochs"],
                           "sentences": r.ner["sentences"],
                           "test_entities": {t: v["support"] for t, v in first["test_per_type"].items()}}
+    names = {row["key"]: row["name"] for row in table}
+    if deploy:
+        for row in deploy:  # against the teacher's PyTorch fp32 row above: same batch shape, same threads
+            row["name"], row["speedup"] = names[row["key"]], base_lat / row["latency_ms"]
+        results["deployment"] = deploy
     results["findings"] = findings(table, results.get("teacher_curve"), r.compare)
+    if deploy:
+        from minirbt.deployment import deployment_findings
+
+        results["findings"] += deployment_findings(deploy, names)
     results["warnings"] = []
     by = {row["key"]: row for row in table}
     if "teacher_random" in by and by["teacher"]["accuracy"] <= by["teacher_random"]["accuracy"]:

@@ -83,6 +83,22 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     ner_test = {"".join(line.split("\t")[0] for line in block.split("\n") if line)
                 for block in (out / "ner" / "test.txt").read_text(encoding="utf-8").split("\n\n") if block.strip()}
     assert len(ner_test) > 40 and not any(s in pretrain_text for s in ner_test if len(s) > 20)
+    # deployment rows: each two-stage student's fine-tuned model as PyTorch, ONNX fp32 / int8, vocabulary-pruned
+    deploy = results["deployment"]
+    assert [d["key"] for d in deploy] == ["two_stage_H256"] * 5 + ["two_stage_H288"] * 5
+    for key in ("two_stage_H256", "two_stage_H288"):
+        own = {d["runtime"]: d for d in deploy if d["key"] == key}
+        ft = json.loads((out / "finetune" / key / "results.json").read_text())
+        seed1 = json.loads((out / "finetune" / key / f"lr-{ft['learning_rate']:g}" / "results.json").read_text())
+        # scored by the deployment code, the same model has the accuracy fine-tuning reported for it on test
+        assert own["PyTorch fp32"]["test_accuracy"] == pytest.approx(seed1["per_seed"][0]["test_accuracy"])
+        assert abs(own["ONNX fp32"]["test_accuracy"] - own["PyTorch fp32"]["test_accuracy"]) <= 1 / 200
+        assert own["ONNX int8"]["bytes"] < own["ONNX fp32"]["bytes"] / 2.5
+        pruned = own["pruned vocab, ONNX int8"]
+        assert pruned["vocab"] < own["ONNX int8"]["vocab"] == 21_128 and pruned["bytes"] < own["ONNX int8"]["bytes"]
+        assert all(0 <= d["test_accuracy"] <= 1 and d["latency_ms"] > 0 for d in own.values())
+        assert (out / "deploy" / key / "onnx" / "model_quantized.onnx").is_file()
+    assert sum("int8:" in f for f in results["findings"]) == 4
     students = {m["key"]: m for m in results["models"]}
     assert students["two_stage_H256"]["params"] < students["ta"]["params"] < teacher["params"]
     assert [r["name"] for r in results["real_size"]][0] == "RoBERTa-wwm-ext"
@@ -94,7 +110,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     md = (out / "results.md").read_text(encoding="utf-8")
     for row in results["models"] + results["real_size"]:
         assert f"\n| {row['name']} | {row['layers']} | {row['hidden']} |" in md
-    assert md.count("\n| ") == len(results["models"]) + len(results["real_size"]) + len(curve) + 3  # + headers
+    assert md.count("\n| ") == len(results["models"]) + len(results["real_size"]) + len(curve) + len(deploy) + 4
+    assert "## Deployment" in md and md.count("| Student H2") >= 10 + 2
     assert "| NER test F1 |" in md and md.count(" ± ") >= len(ner_models)
 
     # idempotent: a finished demo is done; the same command prints its results again
