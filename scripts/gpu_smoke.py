@@ -109,15 +109,9 @@ def check_resume(w: dict, work: Path, device: list, cuda: bool) -> bool:
              "--student_config", w["student"], "--matches", MATCHES, "--max_steps", "20", "--save_steps", "10",
              "--eval_steps", "0", "--batch_size", "8", "--bf16", "--seed", "5", "--min_teacher_accuracy", "0",
              *device]
-    log = work / "resume.log"
-    if run([*train, "--output_dir", work / "bf16_straight"], log):
-        return report_failure("bf16 + resume", log)
-    code = run([*train, "--output_dir", work / "bf16_killed"], log, fault="checkpoint.model:2:kill")
-    if code != -signal.SIGKILL:
-        print(f"FAIL  bf16 + resume: the run to kill ended with status {code}, not SIGKILL; see {log}")
+    if not straight_killed_resumed("bf16 + resume", train, work / "resume.log", "checkpoint.model:2:kill",
+                                   work / "bf16_straight", work / "bf16_killed"):
         return False
-    if run([*train, "--resume", "--output_dir", work / "bf16_killed"], log):
-        return report_failure("bf16 + resume", log)
     return report("bf16 20 steps, killed at step 20 and resumed from 10",
                   max_diff(work / "bf16_straight", work / "bf16_killed"), TOLERANCE["resume"][cuda])
 
@@ -146,20 +140,28 @@ def check_finetune(work: Path, device: list, cuda: bool) -> bool:
     cmd = [sys.executable, "finetuning/run_classification.py", "--task", "chnsenticorp", "--model", model,
            "--train_file", work / "cls_train.tsv", "--dev_file", work / "cls_dev.tsv", "--epochs", "3",
            "--batch_size", "16", "--max_seq_length", "64", "--seeds", "1", "--learning_rate", "1e-3", *device]
-    log = work / "finetune.log"
-    if run([*cmd, "--output_dir", work / "ft_straight"], log):
-        return report_failure("fine-tuning kill + resume", log)
-    code = run([*cmd, "--output_dir", work / "ft_killed"], log, fault="finetune.checkpoint:2:kill")
-    if code != -signal.SIGKILL:
-        print(f"FAIL  fine-tuning kill + resume: the run to kill ended with status {code}, not SIGKILL; see {log}")
+    if not straight_killed_resumed("fine-tuning kill + resume", cmd, work / "finetune.log",
+                                   "finetune.checkpoint:2:kill", work / "ft_straight", work / "ft_killed"):
         return False
-    if run([*cmd, "--resume", "--output_dir", work / "ft_killed"], log):
-        return report_failure("fine-tuning kill + resume", log)
     acc = [json.loads((work / d / "results.json").read_text())["accuracy"] for d in ("ft_straight", "ft_killed")]
     same_accuracy = acc[0] == acc[1] or cuda
     return report("fine-tuning 3 epochs, killed in epoch 2's checkpoint and resumed",
                   max_diff(work / "ft_straight" / "best", work / "ft_killed" / "best"), TOLERANCE["finetune"][cuda],
                   f"; dev accuracy {acc[0]:.4f} vs {acc[1]:.4f}") and same_accuracy
+
+
+def straight_killed_resumed(name: str, cmd: list, log: Path, fault: str, straight: Path, killed: Path) -> bool:
+    """``cmd`` into ``straight``; into ``killed`` with the fault point ``fault`` (it must die by SIGKILL); then
+    ``--resume`` into ``killed``. False (and why, printed) when any of the three does not go as planned."""
+    if run([*cmd, "--output_dir", straight], log):
+        return report_failure(name, log)
+    code = run([*cmd, "--output_dir", killed], log, fault=fault)
+    if code != -signal.SIGKILL:
+        print(f"FAIL  {name}: the run to kill ended with status {code}, not SIGKILL; see {log}")
+        return False
+    if run([*cmd, "--resume", "--output_dir", killed], log):
+        return report_failure(name, log)
+    return True
 
 
 def report_failure(name: str, log: Path) -> bool:
