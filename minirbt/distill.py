@@ -8,7 +8,8 @@ outputs and the batch into the same four things:
   masked positions only; MRC: start and end, averaged);
 * ``losses``: the hard-label losses by name (``mlm``, ``hard_label``), computed only
   when ``hard_label_weight`` is non-zero;
-* ``hidden`` / ``attention``: the tuples the intermediate matches read.
+* ``hidden`` / ``attention``: the tuples the intermediate matches read (and ``layers``, the model's encoder
+  layers, which relation matches apply to the hidden states; set by the loop that runs the models).
 
 :func:`distill_terms` then assembles the weighted terms of one batch::
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minirbt.matches import KD_LOSSES, match_losses, needs_attentions, student_features
+from minirbt.matches import KD_LOSSES, match_losses, needs_attentions, needs_hidden, student_features
 from minirbt.textio import CorpusError
 
 
@@ -48,7 +49,7 @@ class DistillConfig:
 
     @property
     def needs_hidden(self) -> bool:
-        return any(m["feature"] == "hidden" for m in self.intermediate_matches)
+        return needs_hidden(self.intermediate_matches)
 
     @property
     def needs_attentions(self) -> bool:
@@ -132,9 +133,10 @@ def distill_terms(config: DistillConfig, student: Adapted, teacher: Adapted | No
         matches = config.intermediate_matches
         features = student.get("features")  # already projected inside the student's forward (pretraining)
         if features is None:
-            features = student_features(matches, projections, student["hidden"], student["attention"])
+            features = student_features(matches, projections, student["hidden"], student["attention"],
+                                        student.get("layers"))
         for i, loss in enumerate(match_losses(matches, features, teacher["hidden"], teacher["attention"],
-                                              attention_mask)):
+                                              attention_mask, teacher.get("layers"))):
             terms[f"match{i}_{matches[i]['loss']}"] = loss
     return terms
 

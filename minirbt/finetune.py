@@ -31,7 +31,7 @@ from minirbt import stages
 from minirbt.checkpoints import SeedCheckpoints, contiguous, finetuning_kept
 from minirbt.cli import TrainingFlags, check_device, check_ranges, enable_tf32, parse_seeds
 from minirbt.distill import DistillConfig, distill_terms, nonfinite_terms
-from minirbt.matches import build_projections, check_matches, resolve_matches
+from minirbt.matches import build_projections, check_matches, encoder_layers, resolve_matches
 from minirbt.modeling import check_model_folder, load_config, load_error, resolve_model, write_model_files
 from minirbt.optim import Optimization
 from minirbt.tasks import SMALL_MODEL_LR
@@ -352,9 +352,10 @@ def train_epoch(args: CommonArguments, task: TaskRun, model, teacher, config: Di
         adapted_t = None
         if teacher is not None:
             with torch.no_grad(), autocast:
-                adapted_t = task.adaptor(teacher(**inputs, **outputs), b, labels=False)
-        terms = distill_terms(config, task.adaptor(out, b, labels=bool(config.hard_label_weight)), adapted_t,
-                              projections, inputs["attention_mask"])
+                adapted_t = task.adaptor(teacher(**inputs, **outputs), b, labels=False) | \
+                    {"layers": encoder_layers(teacher)}
+        adapted_s = task.adaptor(out, b, labels=bool(config.hard_label_weight)) | {"layers": encoder_layers(model)}
+        terms = distill_terms(config, adapted_s, adapted_t, projections, inputs["attention_mask"])
         bad = nonfinite_terms(terms)
         if bad:
             raise CorpusError(f"non-finite loss ({bad[0]}) at seed {seed}, epoch {epoch + 1}, batch "

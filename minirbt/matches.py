@@ -15,6 +15,14 @@ A match is a dict, exactly as in TextBrewer's ``intermediate_matches``::
 * ``fsp``/``gram``/``mmd``/``nst`` take pairs: ``"layer_T": [i, j]``.
 * ``proj``: ``[kind, dim_S, dim_T]`` with kind ``linear``, ``relu`` or ``tanh``, a
   trained projection of the student's feature to the teacher's width.
+* ``feature: "relation"``, ``loss: "relation_kl"`` (MiniLMv2): ``"relation"`` is
+  ``query``, ``key`` or ``value``; the queries (keys, values) of transformer layer i
+  (1-based) are split into ``"heads"`` relation heads, their scaled dot products
+  softmaxed over the (unpadded) keys, and the student's relations pulled to the
+  teacher's by KL divergence. Widths and attention-head counts may differ (the
+  relation heads must divide both widths); no projection. The queries are the
+  layer's own ``query`` projection of its input (``hidden_states[i - 1]``), so the
+  models run as usual and nothing is hooked.
 
 Everything else is TextBrewer's own loss functions (``textbrewer.losses``).
 Presets: MiniRBT's hidden-state recipes and TextBrewer's example presets, by name.
@@ -66,6 +74,47 @@ def att_prob_ce_mean_loss(attention_S: torch.Tensor, attention_T: torch.Tensor, 
     return (ce * m).sum() / m.sum()
 
 
+RELATIONS = ("query", "key", "value")
+MIN_RELATION_HEAD_DIM = 8  # the rule's relation heads: MiniLMv2's base-size student has 384 / 48 = 8 dimensions
+
+
+def relation_inputs(layers, hidden: tuple, layer: int, relation: str) -> torch.Tensor:
+    """Queries, keys or values (B, L, width) of transformer layer ``layer`` (1-based): that layer's own linear
+    projection of its input, ``hidden[layer - 1]`` (``layers``: the model's ``bert.encoder.layer``)."""
+    linear = getattr(layers[layer - 1].attention.self, relation)
+    return linear(hidden[layer - 1].to(linear.weight.dtype)).float()  # also outside the forward's autocast
+
+
+def _log_relations(x: torch.Tensor, heads: int, keys: torch.Tensor | None) -> torch.Tensor:
+    b, n, width = x.shape
+    h = x.float().view(b, n, heads, width // heads).transpose(1, 2)  # (B, R, L, d)
+    scores = h @ h.transpose(-1, -2) / math.sqrt(width // heads)
+    if keys is not None:  # finite, not -inf: masked terms must stay 0 * finite in the KL
+        scores = scores.masked_fill(~keys[:, None, None, :], torch.finfo(scores.dtype).min / 4)
+    return torch.log_softmax(scores, dim=-1)
+
+
+def relation_kl_loss(x_S: torch.Tensor, x_T: torch.Tensor, mask: torch.Tensor | None = None, heads: int = 1):
+    """MiniLMv2's self-attention relation loss: KL(teacher || student) between softmax(x x^T / sqrt(d)) over the
+    keys, per relation head, averaged over relation heads and unpadded query positions."""
+    keys = mask.bool() if mask is not None else None
+    log_s, log_t = _log_relations(x_S, heads, keys), _log_relations(x_T, heads, keys)
+    kl = log_t.exp() * (log_t - log_s)
+    if keys is not None:
+        kl = kl.masked_fill(~keys[:, None, None, :], 0.0)
+    kl = kl.sum(dim=-1)  # (B, R, L)
+    if keys is None:
+        return kl.mean()
+    rows = keys[:, None, :].expand_as(kl).to(kl)
+    return (kl * rows).sum() / rows.sum()
+
+
+def relation_heads(hidden_T: int, hidden_S: int) -> int:
+    """The most relation heads (at most 48, MiniLMv2's) dividing both widths, at >= 8 student dimensions each."""
+    return next(r for r in range(48, 0, -1) if hidden_T % r == 0 and hidden_S % r == 0
+                and (hidden_S // r >= MIN_RELATION_HEAD_DIM or r == 1))
+
+
 MATCH_LOSSES = {
     "attention_mse": att_mse_loss,
     "attention_mse_sum": att_mse_sum_loss,
@@ -78,6 +127,7 @@ MATCH_LOSSES = {
     "fsp": fsp_loss,
     "mmd": mmd_loss,
     "nst": mmd_loss,
+    "relation_kl": relation_kl_loss,
 }
 PAIR_LOSSES = {"gram", "fsp", "mmd", "nst"}
 KD_LOSSES = {"ce": kd_ce_loss, "mse": kd_mse_loss}
@@ -108,6 +158,11 @@ def _pairs(pairs, loss, proj=None):
     return out
 
 
+def _relations(layer_T: int, layer_S: int, heads: int) -> list[dict]:
+    return [{"layer_T": layer_T, "layer_S": layer_S, "feature": "relation", "loss": "relation_kl", "relation": r,
+             "heads": heads, "weight": 1} for r in RELATIONS]
+
+
 _L12_L6 = [(0, 0), (2, 1), (4, 2), (6, 3), (8, 4), (10, 5), (12, 6)]
 _L6_L6 = [(i, i) for i in range(7)]
 _L12_L4 = [(0, 0), (3, 1), (6, 2), (9, 3), (12, 4)]
@@ -121,6 +176,10 @@ PRESETS: dict[str, list[dict]] = {
     "L6_L6_hidden_mse_H256": _hidden_mse(_L6_L6, ["linear", 256, 768]),  # RBT6 -> MiniRBT-H256
     "L6_L6_hidden_mse_H288": _hidden_mse(_L6_L6, ["linear", 288, 768]),  # RBT6 -> MiniRBT-H288
     "L12_L4_hidden_mse_H312": _hidden_mse(_L12_L4, ["linear", 312, 768]),  # TinyBERT size
+    # MiniLMv2 (Wang et al. 2021): Q-Q, K-K, V-V relations of the teacher's last layer -> the student's last layer
+    "L6_minilmv2_H256": _relations(6, 6, 32),  # RBT6 (768) -> MiniRBT-H256: 32 relation heads of 24 / 8
+    "L6_minilmv2_H288": _relations(6, 6, 32),  # RBT6 (768) -> MiniRBT-H288: 32 relation heads of 24 / 9
+    "L12_L6_minilmv2_H256": _relations(12, 6, 32),  # RoBERTa-wwm-ext -> H256 in one stage
     # TextBrewer's example presets (examples/matches/matches.py), teacher of 12 layers
     "L3_attention_mse": _att(_L12_L3[1:], "attention_mse"),
     "L3_attention_ce": _att(_L12_L3[1:], "attention_ce"),
@@ -161,8 +220,14 @@ def uniform_hidden_mse(layers_T: int, layers_S: int, hidden_T: int, hidden_S: in
     return out
 
 
+def minilmv2_relations(layers_T: int, layers_S: int, hidden_T: int, hidden_S: int) -> list[dict]:
+    """MiniLMv2 for any shapes: the teacher's last layer's Q-Q, K-K and V-V relations into the student's last
+    layer, with :func:`relation_heads` relation heads."""
+    return _relations(layers_T, layers_S, relation_heads(hidden_T, hidden_S))
+
+
 # Matches computed from the two models' shapes: (layers_T, layers_S, hidden_T, hidden_S) -> matches.
-RULES = {"uniform_hidden_mse": uniform_hidden_mse}
+RULES = {"uniform_hidden_mse": uniform_hidden_mse, "minilmv2_relations": minilmv2_relations}
 
 
 def resolve_matches(specs: list[str] | None, shapes: tuple[int, int, int, int] | None = None) -> list[dict]:
@@ -198,10 +263,17 @@ def resolve_matches(specs: list[str] | None, shapes: tuple[int, int, int, int] |
         missing = [k for k in ("layer_T", "layer_S", "feature", "loss") if k not in m]
         if missing:
             raise CorpusError(f"match {i} lacks {missing}: {m}")
-        if m["feature"] not in ("hidden", "attention"):
-            raise CorpusError(f"match {i}: feature must be 'hidden' or 'attention', not {m['feature']!r}")
+        if m["feature"] not in ("hidden", "attention", "relation"):
+            raise CorpusError(f"match {i}: feature must be 'hidden', 'attention' or 'relation', not "
+                              f"{m['feature']!r}")
         if m["loss"] not in MATCH_LOSSES:
             raise CorpusError(f"match {i}: unknown loss {m['loss']!r} (one of {', '.join(MATCH_LOSSES)})")
+        if (m["feature"] == "relation") != (m["loss"] == "relation_kl"):
+            raise CorpusError(f"match {i}: the relation feature and the relation_kl loss go together")
+        if m["feature"] == "relation" and (m.get("relation") not in RELATIONS or not _is_index(m.get("heads"))
+                                           or m["heads"] < 1 or isinstance(m["layer_T"], list)):
+            raise CorpusError(f"match {i}: a relation match needs \"relation\": one of {', '.join(RELATIONS)}, "
+                              f"\"heads\": a positive integer and single layer indices, got {m}")
         if m["feature"] == "attention" and m["loss"] not in {k for k in MATCH_LOSSES if k.startswith("attention")}:
             raise CorpusError(f"match {i}: attention features need an attention_* loss")
         for side in ("layer_T", "layer_S"):
@@ -222,6 +294,11 @@ def _is_index(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def needs_hidden(matches: list[dict]) -> bool:
+    """Hidden states: for hidden matches, and as the inputs of the layers whose relations are matched."""
+    return any(m["feature"] in ("hidden", "relation") for m in matches)
+
+
 def needs_attentions(matches: list[dict]) -> bool:
     return any(m["feature"] == "attention" for m in matches)
 
@@ -234,7 +311,11 @@ def check_matches(matches: list[dict], n_teacher: int, n_student: int, hidden_T:
             raise CorpusError(f"match {i}: {m['loss']} compares heads one to one, but the teacher has {heads_T} "
                               f"heads and the student {heads_S}: use {m['loss']}_sum/_mean style losses "
                               "(attention_mse_sum, attention_ce_mean)")
-        lo = 1 if m["feature"] == "attention" else 0
+        if m["feature"] == "relation" and (hidden_T % m["heads"] or hidden_S % m["heads"]):
+            raise CorpusError(f"match {i}: {m['heads']} relation heads do not divide the teacher's width {hidden_T} "
+                              f"and the student's {hidden_S}: use a common divisor (e.g. "
+                              f"{relation_heads(hidden_T, hidden_S)}, what the minilmv2_relations rule picks)")
+        lo = 0 if m["feature"] == "hidden" else 1
         for side, n in (("layer_T", n_teacher), ("layer_S", n_student)):
             idx = m[side] if isinstance(m[side], list) else [m[side]]
             bad = [x for x in idx if not lo <= x <= n]
@@ -274,12 +355,16 @@ def build_projections(matches: list[dict]) -> nn.ModuleList:
     return nn.ModuleList(mods)
 
 
-def student_features(matches: list[dict], projections: nn.ModuleList, hidden_S, att_S) -> list:
+def student_features(matches: list[dict], projections: nn.ModuleList, hidden_S, att_S, layers_S=None) -> list:
     """What each match compares on the student's side (fp32), projected to the teacher's width. The projections
     are trained parameters of the student: pretraining runs this inside the student's forward, where DDP sees
-    them (its reducer expects every trained parameter to be used inside forward)."""
+    them (its reducer expects every trained parameter to be used inside forward). ``layers_S``: the student's
+    encoder layers, for relation matches."""
     out = []
     for m, proj in zip(matches, projections):
+        if m["feature"] == "relation":
+            out.append(relation_inputs(_need(layers_S, "student"), hidden_S, m["layer_S"], m["relation"]))
+            continue
         # attention layer i (1-based) is entry i-1 of the attentions tuple
         src = hidden_S if m["feature"] == "hidden" else [None, *att_S]
         layers = m["layer_S"] if isinstance(m["layer_S"], list) else [m["layer_S"]]
@@ -288,10 +373,17 @@ def student_features(matches: list[dict], projections: nn.ModuleList, hidden_S, 
     return out
 
 
-def match_losses(matches: list[dict], features_S: list, hidden_T, att_T, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Weighted loss of each match (fp32), in order; ``features_S`` from :func:`student_features`."""
+def match_losses(matches: list[dict], features_S: list, hidden_T, att_T, mask: torch.Tensor,
+                 layers_T=None) -> list[torch.Tensor]:
+    """Weighted loss of each match (fp32), in order; ``features_S`` from :func:`student_features`; ``layers_T``:
+    the teacher's encoder layers, for relation matches."""
     out = []
     for m, fs in zip(matches, features_S):
+        if m["feature"] == "relation":
+            with torch.no_grad():  # the teacher is frozen
+                ft = relation_inputs(_need(layers_T, "teacher"), hidden_T, m["layer_T"], m["relation"])
+            out.append(m["weight"] * relation_kl_loss(fs, ft, mask=mask, heads=m["heads"]))
+            continue
         src_T = hidden_T if m["feature"] == "hidden" else [None, *att_T]
         if isinstance(m["layer_T"], list):
             ft = [src_T[j].float() for j in m["layer_T"]]
@@ -299,3 +391,16 @@ def match_losses(matches: list[dict], features_S: list, hidden_T, att_T, mask: t
             ft = src_T[m["layer_T"]].float()
         out.append(m["weight"] * MATCH_LOSSES[m["loss"]](fs, ft, mask=mask))
     return out
+
+
+def _need(layers, side: str):
+    if layers is None:
+        raise CorpusError(f"relation matches need the {side}'s encoder layers (a BERT model), and none were given")
+    return layers
+
+
+def encoder_layers(model) -> nn.ModuleList | None:
+    """``model.bert.encoder.layer`` of a transformers BERT with a head, or of a bare ``BertModel``."""
+    bert = getattr(model, "bert", model)
+    encoder = getattr(bert, "encoder", None)
+    return getattr(encoder, "layer", None)

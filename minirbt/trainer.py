@@ -43,7 +43,7 @@ from minirbt.cli import check_device
 from minirbt.collator import ChineseWWMCollator
 from minirbt.data import load_pretraining_dataset
 from minirbt.distill import DistillConfig, distill_terms, mlm_adaptor, nonfinite_values, term_values
-from minirbt.matches import build_projections, student_features
+from minirbt.matches import build_projections, encoder_layers, student_features
 from minirbt.mlm_eval import check_teacher, evaluate, host_batch, masked_lm_forward, teacher_forward, to_device
 from minirbt.modeling import load_config, load_mlm, write_model_files
 from minirbt.optim import Optimization
@@ -81,7 +81,10 @@ class Student(nn.Module):
     def forward(self, batch: dict, hidden: bool, attentions: bool):
         """(LM logits at the masked positions or None, hidden states, attentions, each match's student feature)."""
         logits, hs, att = masked_lm_forward(self.model, batch, hidden, attentions, self.logits)
-        return logits, hs, att, student_features(self.matches, self.projections, hs, att) if self.matches else []
+        if not self.matches:
+            return logits, hs, att, []
+        return logits, hs, att, student_features(self.matches, self.projections, hs, att,
+                                                 encoder_layers(self.model))
 
 
 def distill_losses(teacher: BertForMaskedLM | None, student: nn.Module, batch: dict, config: DistillConfig,
@@ -91,7 +94,8 @@ def distill_losses(teacher: BertForMaskedLM | None, student: nn.Module, batch: d
     with autocast:
         out_T = teacher_forward(teacher, batch, hidden, attentions, logits=bool(config.kd_loss_weight))
         logits, hs, att, features = student(batch, hidden, attentions)
-    adapted_T = mlm_adaptor(out_T, batch, labels=False) if teacher is not None else None
+    adapted_T = mlm_adaptor(out_T, batch, labels=False) | {"layers": encoder_layers(teacher)} \
+        if teacher is not None else None
     adapted_S = mlm_adaptor((logits, hs, att), batch, labels=bool(config.hard_label_weight))
     return distill_terms(config, adapted_S | {"features": features}, adapted_T, None, batch["attention_mask"])
 

@@ -10,15 +10,16 @@ from transformers import BertModel, BertTokenizer
 
 from minirbt.recipe import load_recipe
 
-MODEL_KEYS = {"teacher", "teacher_random", "ta", "two_stage_H256", "two_stage_H288", "one_stage_H256",
-              "mlm_only_H256"}
+MODEL_KEYS = {"teacher", "teacher_random", "ta", "two_stage_H256", "two_stage_H288", "minilmv2_H256",
+              "one_stage_H256", "mlm_only_H256"}
 
 
 def test_demo_quick_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     proc = run_script("scripts/demo.py", "--quick", "--output_dir", out)
     for stage in ("0. corpus", "1. whole-word-mask refs (jieba)", "2. chunked Arrow dataset", "3. teacher stand-in",
-                  "5. stage 1", "6. stage 2", "7. baselines", "8. fine-tuning", "8b. NER", "9. held-out"):
+                  "5. stage 1", "6. stage 2", "6b. stage 2 with MiniLMv2", "7. baselines", "8. fine-tuning", "8b. NER",
+                  "8c. deployment", "9. held-out"):
         assert stage in proc.stdout, stage
     assert "| Student H256 (two-stage) |" in proc.stdout  # the table is printed
 
@@ -69,7 +70,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         # distillation quality directly: held-out masked-token accuracy, the same masks for every model
         assert 0.0 <= m["heldout_mlm_accuracy"] <= 1.0 and m["heldout_tokens"] == teacher["heldout_tokens"] > 100
         expected_teacher = {"teacher": None, "teacher_random": None, "ta": "teacher", "two_stage_H256": "ta",
-                            "two_stage_H288": "ta", "one_stage_H256": "teacher", "mlm_only_H256": "teacher"}
+                            "two_stage_H288": "ta", "minilmv2_H256": "ta", "one_stage_H256": "teacher",
+                            "mlm_only_H256": "teacher"}
         assert m["agreement_with"] == expected_teacher[m["key"]]
         assert (m["teacher_agreement"] is None) == (m["agreement_with"] is None)
     # NER: every model the recipe names fine-tuned on held-out People's Daily sentences, in the table
@@ -99,6 +101,9 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert all(0 <= d["test_accuracy"] <= 1 and d["latency_ms"] > 0 for d in own.values())
         assert (out / "deploy" / key / "onnx" / "model_quantized.onnx").is_file()
     assert sum("int8:" in f for f in results["findings"]) == 4
+    minilm = json.loads((out / "models" / "minilmv2_H256" / "minirbt_training.json").read_text())
+    assert minilm["args"]["matches"] == ["minilmv2_relations"] and minilm["args"]["max_steps"] == \
+        json.loads((out / "models" / "two_stage_H256" / "minirbt_training.json").read_text())["args"]["max_steps"]
     students = {m["key"]: m for m in results["models"]}
     assert students["two_stage_H256"]["params"] < students["ta"]["params"] < teacher["params"]
     assert [r["name"] for r in results["real_size"]][0] == "RoBERTa-wwm-ext"
@@ -171,7 +176,7 @@ learning_rates = [5e-4]
     assert "3. teacher stand-in" not in proc.stdout and "5. stage 1" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert [m["key"] for m in results["models"]] == ["teacher", "ta", "two_stage_H256", "two_stage_H288",
-                                                     "one_stage_H256", "mlm_only_H256"]
+                                                     "minilmv2_H256", "one_stage_H256", "mlm_only_H256"]
     assert str(tiny_teacher) in results["title"] and results["split"]["corpus"] == str(corpus)
     teacher = results["models"][0]
     assert teacher["path"] == str(tiny_teacher) and teacher["hidden"] == 64

@@ -20,6 +20,7 @@ from minirbt.matches import (
     PRESETS,
     build_projections,
     check_matches,
+    encoder_layers,
     match_losses,
     needs_attentions,
     resolve_matches,
@@ -198,8 +199,8 @@ def test_every_preset_runs_a_step(preset):
     mask[1, 9:] = 0
     out_t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
     out_s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=attn == "eager")
-    features = student_features(matches, proj, out_s.hidden_states, out_s.attentions)
-    losses = match_losses(matches, features, out_t.hidden_states, out_t.attentions, mask)
+    features = student_features(matches, proj, out_s.hidden_states, out_s.attentions, encoder_layers(student))
+    losses = match_losses(matches, features, out_t.hidden_states, out_t.attentions, mask, encoder_layers(teacher))
     assert len(losses) == len(matches) and all(torch.isfinite(x) and x >= 0 for x in losses)
     sum(losses).backward()
     assert student.embeddings.word_embeddings.weight.grad is not None
