@@ -102,7 +102,7 @@ def test_relation_matches_run_between_other_widths_and_head_counts_and_train_the
         assert all(getattr(last, r).weight.grad.abs().sum() > 0 for r in ("query", "key", "value"))
         assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(CorpusError, match="5 relation heads do not divide"):
         check_matches([dict(matches[0], heads=5)], 4, 2, 48, 16, 4, 1)
