@@ -28,7 +28,9 @@ class TrainingFlags:
         "help": "AdamW weight decay (not on biases, LayerNorm or match projections)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of the optimizer steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (global L2 norm)."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast of the forward passes (losses in fp32)."})
+    bf16: bool = field(default=False, metadata={
+        "help": "bf16 autocast of the forward passes (losses and the trained weights in fp32; a frozen pretraining "
+                "teacher is stored in bf16)."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)."})
     resume: bool = field(default=False, metadata={
         "help": "Continue an interrupted run from its newest checkpoint in output_dir."})

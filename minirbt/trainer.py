@@ -171,6 +171,8 @@ def build_run(args: DistillArguments, d: Dist, device: torch.device, config: Dis
         teacher = load_mlm(args.teacher, "teacher", attn, require_head=True).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        if args.bf16:  # frozen: cast once, not by autocast at every forward (its matmuls see the same bf16 weights)
+            teacher = teacher.to(torch.bfloat16)
     torch.manual_seed(args.seed)  # random student init is the same on every rank
     if args.student_init:
         model = load_mlm(args.student_init, "student", attn)

@@ -109,6 +109,19 @@ def test_bf16_autocast_trains_with_fp32_losses_and_weights(tiny_teacher, dataset
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
+def test_bf16_keeps_the_frozen_teacher_in_bf16(tiny_teacher, dataset, student_config, tmp_path):
+    """Under --bf16 the teacher is cast once (autocast would cast its fp32 weights at every forward); the student
+    and its optimizer stay fp32."""
+    from minirbt.pretrain_setup import setup_distributed
+    from minirbt.trainer import build_run
+
+    args = args_for(tiny_teacher, dataset, student_config, tmp_path / "x", bf16=True)
+    d, device = setup_distributed(None)
+    run = build_run(args, d, device, args.distill_config(resolve_matches(args.matches)), resume=False)
+    assert {p.dtype for p in run.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.student.parameters()} == {torch.float32}
+
+
 def final_weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
