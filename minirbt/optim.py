@@ -6,7 +6,7 @@ from PyTorch's bias-corrected ones (step 1 is larger by ``(1 - beta1) / sqrt(1 -
 3.16x at the usual betas, fading as the moments fill; warm-up keeps it small), and weight
 decay applied after the update, ``p -= lr * wd * p``. transformers 5 removed that class; :class:`AdamWNoBiasCorrection`
 is that update. With bias correction on, :func:`build_optimizer` returns
-``torch.optim.AdamW`` (fused on CUDA by PyTorch's own choice).
+``torch.optim.AdamW``, its fused kernel when the parameters are on CUDA.
 
 Parameter groups follow BERT: no weight decay on biases and LayerNorm weights, nor on
 the match projections (MiniRBT/TextBrewer give them none).
@@ -78,8 +78,11 @@ def build_optimizer(groups: Iterable[dict], lr: float, eps: float, bias_correcti
     """MiniRBT's update (``bias_correction=False``) or PyTorch's AdamW, over BERT-style parameter groups."""
     groups = list(groups)
     if bias_correction:
-        return torch.optim.AdamW(groups, lr=lr, eps=eps)
-    return AdamWNoBiasCorrection(groups, lr=lr, eps=eps)
+        params = [p for g in groups for p in g["params"]]
+        # PyTorch's fused CUDA kernel (one launch for every tensor); its default there is the foreach path
+        fused = {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}
+        return torch.optim.AdamW(groups, lr=lr, eps=eps, **fused)
+    return AdamWNoBiasCorrection(groups, lr=lr, eps=eps)  # multi-tensor (foreach) updates: a few launches per group
 
 
 class Optimization:
