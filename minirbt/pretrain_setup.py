@@ -38,7 +38,7 @@ RESUME_CHANGEABLE = ("max_steps",)
 NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "save_steps",
                 "save_total_limit", "eval_steps", "eval_batches", "logging_steps", "on_nonfinite",
                 "min_teacher_accuracy", "max_skipped_steps", "resume", "recipe", "stage", "device",
-                "overwrite_output", "accept_changed", "gradient_accumulation_steps")
+                "overwrite_output", "accept_changed", "gradient_accumulation_steps", "dataloader_workers")
 
 
 @dataclass
@@ -84,6 +84,9 @@ class DistillArguments(TrainingFlags):
         "help": "A NaN/inf loss or gradient: 'stop' (default; the last checkpoint is kept) or 'skip' the step."})
     max_skipped_steps: int = field(default=100, metadata={"help": "With --on_nonfinite skip: give up after N."})
     seed: int = field(default=42, metadata={"help": "Seed of data order, masks, dropout and init."})
+    dataloader_workers: int = field(default=2, metadata={
+        "help": "Worker processes that fetch and mask the next steps' batches while the current step runs (0: in "
+                "the training process). Batches are the same either way: they depend on (seed, step) only."})
     recipe: str | None = field(default=None, metadata={
         "help": "A recipe (pretraining/recipes/*.toml, or a shipped name: minirbt, demo, quick) whose --stage "
                 "settings (its [distill] table and the stage's matches) replace these defaults; flags given here "
@@ -97,7 +100,7 @@ class DistillArguments(TrainingFlags):
         check_ranges(self, at_least_1=("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps",
                                        "eval_batches", "logging_steps"),
                      non_negative=("kd_weight", "mlm_weight", "weight_decay", "eval_steps", "save_total_limit",
-                                   "max_skipped_steps", "seed"),
+                                   "max_skipped_steps", "seed", "dataloader_workers"),
                      positive=("temperature", "learning_rate", "max_grad_norm", "adam_epsilon"),
                      probability=("mlm_probability",), fraction=("warmup_ratio", "min_teacher_accuracy"))
 

@@ -243,20 +243,50 @@ def restore(run: Run, attn: str | None) -> None:
         print(f"resuming from {found[-1]} (step {run.step})", flush=True)
 
 
+# ------------------------------------------------------------------ the input pipeline
+class StepBatches(torch.utils.data.Dataset):
+    """Item k: this rank's micro-batches of step k, collated on the host. Examples and masks come from (seed, step,
+    global micro-batch index) alone, so any number of processes sees the same global batch, a resumed run the same
+    batches, and DataLoader workers can prepare steps ahead in any process."""
+
+    def __init__(self, train, tokenizer, args: DistillArguments, rank: int, world: int):
+        self.train, self.tokenizer, self.args, self.rank, self.world = train, tokenizer, args, rank, world
+        self.collator: ChineseWWMCollator | None = None  # made in the process that uses it (a worker)
+        self.order: DataOrder | None = None
+
+    def __len__(self) -> int:
+        return self.args.max_steps
+
+    def __getitem__(self, step: int) -> list[dict]:
+        args = self.args
+        if self.collator is None:
+            self.collator = ChineseWWMCollator(self.tokenizer, args.mlm_probability, seed=args.seed)
+            self.order = DataOrder(len(self.train), args.seed)
+        A, B = args.gradient_accumulation_steps, args.batch_size
+        global_batch = B * A * self.world
+        batches = []
+        for m in range(A):
+            g = self.rank * A + m  # global micro-batch index within the step
+            idx = self.order.indices(step * global_batch + g * B, B)
+            columns = self.train[idx]  # one Arrow read for the micro-batch, not one per example
+            examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            self.collator.rng = np.random.default_rng([args.seed, step, g])
+            batches.append(host_batch(self.collator, examples))
+        return batches
+
+
+def step_loader(run: Run) -> torch.utils.data.DataLoader:
+    """Steps run.step .. max_steps - 1 in order, prepared by ``--dataloader_workers`` processes ahead of the loop
+    (pinned for CUDA copies); the training process only waits when the workers fall behind."""
+    args = run.args
+    workers = args.dataloader_workers
+    steps = StepBatches(run.data["train"], run.tokenizer, args, run.d.rank, run.d.world)
+    return torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(run.step, args.max_steps),
+                                       num_workers=workers, pin_memory=run.device.type == "cuda",
+                                       prefetch_factor=2 if workers else None, persistent_workers=False)
+
+
 # ------------------------------------------------------------------ one optimizer step
-def step_batches(run: Run, collator: ChineseWWMCollator, order: DataOrder) -> list[dict]:
-    """This rank's micro-batches of the step, collated on the host: examples and masks from (seed, step, global
-    micro-batch index), so any number of processes sees the same global batch."""
-    args, d = run.args, run.d
-    A, B = args.gradient_accumulation_steps, args.batch_size
-    global_batch = B * A * d.world
-    batches = []
-    for m in range(A):
-        g = d.rank * A + m  # global micro-batch index within the step
-        idx = order.indices(run.step * global_batch + g * B, B)
-        collator.rng = np.random.default_rng([args.seed, run.step, g])
-        batches.append(host_batch(collator, [run.data["train"][i] for i in idx]))
-    return batches
 
 
 def forward_backward(run: Run, batches: list[dict]) -> tuple[list[str], torch.Tensor]:
@@ -376,8 +406,6 @@ def train(args: DistillArguments) -> dict:
         return {"steps": args.max_steps, "seconds": 0.0, "dev": {}} | summary | {"skipped": True}
     run = on_every_rank(d, lambda: build_run(args, d, device, args.distill_config(matches), claim.state == "resume"),
                         "loading the models and the dataset")
-    collator = ChineseWWMCollator(run.tokenizer, args.mlm_probability, seed=args.seed)
-    order = DataOrder(len(run.data["train"]), args.seed)
     checked: dict = {}
     if run.teacher is not None and run.step == 0:  # every rank decides alike (same data, same masks)
         checked = check_teacher(run.teacher, run.student.model, run.data, run.tokenizer, args, device, run.autocast)
@@ -391,9 +419,10 @@ def train(args: DistillArguments) -> dict:
         progress.dev(first_eval)
     t0 = time.perf_counter()
     run.student.train()
+    batches = iter(step_loader(run))
     try:
         while run.step < args.max_steps:
-            names, total = forward_backward(run, step_batches(run, collator, order))
+            names, total = forward_backward(run, next(batches))
             terms, grad_norm, skipped = update(run, names, total)
             run.step += 1
             progress.step(terms, grad_norm, skipped)

@@ -109,6 +109,17 @@ def test_bf16_autocast_trains_with_fp32_losses_and_weights(tiny_teacher, dataset
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
+def test_dataloader_workers_change_nothing_but_where_batches_are_made(tiny_teacher, dataset, student_config,
+                                                                       tmp_path):
+    """Batches depend on (seed, step) only: prepared in 2 worker processes ahead of the loop or in the training
+    process, the run ends with the same weights."""
+    for workers in (0, 2):
+        train(args_for(tiny_teacher, dataset, student_config, tmp_path / f"w{workers}", dataloader_workers=workers,
+                       gradient_accumulation_steps=2))
+    a, b = final_weights(tmp_path / "w0"), final_weights(tmp_path / "w2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bf16_keeps_the_frozen_teacher_in_bf16(tiny_teacher, dataset, student_config, tmp_path):
     """Under --bf16 the teacher is cast once (autocast would cast its fp32 weights at every forward); the student
     and its optimizer stay fp32."""
@@ -417,9 +428,8 @@ class HostSyncs(torch.overrides.TorchFunctionMode):
 
 def test_host_syncs_per_step_do_not_grow_with_loss_terms_or_accumulation(tiny_teacher, dataset, student_config,
                                                                          tmp_path):
-    from minirbt.collator import ChineseWWMCollator
     from minirbt.pretrain_setup import Dist, check_inputs, run_matches
-    from minirbt.trainer import DataOrder, build_run, forward_backward, step_batches, update
+    from minirbt.trainer import StepBatches, build_run, forward_backward, update
 
     with HostSyncs() as probe:  # the counter sees a sync when there is one
         torch.ones(2).sum().item()
@@ -434,11 +444,10 @@ def test_host_syncs_per_step_do_not_grow_with_loss_terms_or_accumulation(tiny_te
                         mlm_weight=weights)
         check_inputs(args)
         run = build_run(args, Dist(), torch.device("cpu"), args.distill_config(run_matches(args)), resume=False)
-        collator = ChineseWWMCollator(run.tokenizer, args.mlm_probability, seed=args.seed)
-        order = DataOrder(len(run.data["train"]), args.seed)
+        step_batches = StepBatches(run.data["train"], run.tokenizer, args, 0, 1)
         steps = []
         for _ in range(2):
-            batches = step_batches(run, collator, order)
+            batches = step_batches[run.step]
             if padded:  # padding takes the other mask path
                 for b in batches:
                     b["attention_mask"][0, -3:] = 0
