@@ -4,7 +4,7 @@ The exported folder follows Optimum's layout (``model.onnx``, ``model_quantized.
 beside ``config.json`` and the tokenizer files), so serving code that loads an
 Optimum folder, or plain ``onnxruntime``, can use it. Inputs are ``input_ids``,
 ``attention_mask``, ``token_type_ids`` with dynamic batch and sequence axes; outputs
-are named as transformers names them (``logits``, ``start_logits``/``end_logits``,
+are named as transformers names them (``logits`` of a sequence or token classifier, ``start_logits``/``end_logits``,
 ``last_hidden_state``). The exporter is torch's own (``torch.onnx.export``, its
 TorchScript path: see :func:`export_onnx` for why), quantisation is ONNX Runtime's
 dynamic int8 (weights int8 per channel, activations quantised at run time: no
@@ -27,7 +27,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from transformers import BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, BertModel
+from transformers import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
 
 from minirbt import stages
 from minirbt.modeling import check_model_folder, load_config, load_error, resolve_model
@@ -42,11 +48,13 @@ HEADS = {
     "mlm": (BertForMaskedLM, ("logits",), "cls.predictions.transform.dense.weight"),
     "classification": (BertForSequenceClassification, ("logits",), "classifier.weight"),
     "mrc": (BertForQuestionAnswering, ("start_logits", "end_logits"), "qa_outputs.weight"),
+    "ner": (BertForTokenClassification, ("logits",), "classifier.weight"),  # run_ner.py: one row per token
     "encoder": (BertModel, ("last_hidden_state",), None),
 }
 TASKS = tuple(HEADS)
 ARCHITECTURE_TASK = {"BertForMaskedLM": "mlm", "BertForPreTraining": "mlm", "BertForSequenceClassification":
-                     "classification", "BertForQuestionAnswering": "mrc", "BertModel": "encoder"}
+                     "classification", "BertForQuestionAnswering": "mrc", "BertForTokenClassification": "ner",
+                     "BertModel": "encoder"}
 # files of a model folder the export carries over (the tokenizer); the weights are in the ONNX file
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 EXPORT_FILES = (ONNX_NAME, INT8_NAME, "config.json", *TOKENIZER_FILES, "export_report.json")

@@ -5,7 +5,8 @@
     python scripts/export_onnx.py --model outputs/minirbt_h256 --output outputs/onnx/h256_encoder --task encoder
 
 --task auto reads the head from config.json: a pretrained student (mlm), a run_classification.py /
-run_mrc.py best/ folder (classification / mrc); --task encoder exports BertModel (last_hidden_state).
+run_mrc.py / run_ner.py best/ folder (classification / mrc / ner); --task encoder exports BertModel
+(last_hidden_state).
 The output folder holds model.onnx (+ model_quantized.onnx with --int8), config.json, the tokenizer
 files and export_report.json (max |ONNX - PyTorch| on real text; with --dev_file the task metric of
 PyTorch fp32, ONNX fp32 and int8). Load it with onnxruntime.InferenceSession(folder/model.onnx).

@@ -99,3 +99,24 @@ def tiny_teacher(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "teacher"
     save_model_folder(tiny_bert(std=0.2), default_vocab_path(), out)
     return out
+
+
+def pretraining_dataset(lines: list[str], vocab_dir: Path, folder: Path, max_seq_length: int = 64,
+                        dev_lines: list[str] | None = None) -> Path:
+    """``lines`` (and ``dev_lines``) as a corpus file in ``folder``, its jieba whole-word-mask refs, and the chunked
+    Arrow dataset ``folder/ds`` built from them, as stages 1 and 2 make it."""
+    from minirbt.data import build_pretraining_dataset
+    from minirbt.refs import RefBuilder, write_ref_file
+    from minirbt.segmentation import make_segmenter
+    from minirbt.tokenization import LineTokenizer, load_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    builder = RefBuilder(LineTokenizer(load_tokenizer(vocab_dir)), make_segmenter("jieba"))
+    parts = {"train": lines, **({"dev": dev_lines} if dev_lines else {})}
+    for name, part in parts.items():
+        (folder / f"{name}.txt").write_text("\n".join(part) + "\n", encoding="utf-8")
+        write_ref_file(builder, folder / f"{name}.txt", folder / f"{name}_ref.txt", progress=False)
+    dev = {"dev_files": [folder / "dev.txt"], "dev_refs": [folder / "dev_ref.txt"]} if dev_lines else {}
+    build_pretraining_dataset([folder / "train.txt"], [folder / "train_ref.txt"], vocab_dir, folder / "ds",
+                              max_seq_length=max_seq_length, **dev)
+    return folder / "ds"

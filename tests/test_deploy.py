@@ -14,6 +14,7 @@ from transformers import (
     BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertForTokenClassification,
     BertModel,
     BertTokenizer,
 )
@@ -23,8 +24,8 @@ from minirbt.textio import CorpusError
 from minirbt.vocab_prune import count_corpus, kept_ids, prune_folder
 
 CLASSES = {"mlm": BertForMaskedLM, "classification": BertForSequenceClassification, "mrc": BertForQuestionAnswering,
-           "encoder": BertModel}
-OUTPUTS = {"mlm": ["logits"], "classification": ["logits"], "mrc": ["start_logits", "end_logits"],
+           "ner": BertForTokenClassification, "encoder": BertModel}
+OUTPUTS = {"mlm": ["logits"], "classification": ["logits"], "mrc": ["start_logits", "end_logits"], "ner": ["logits"],
            "encoder": ["last_hidden_state"]}
 
 
@@ -44,6 +45,9 @@ def models(tmp_path_factory, shared_data) -> dict[str, Path]:
     qa = BertForQuestionAnswering.from_pretrained(str(root / "mlm"))
     (root / "qa").mkdir()
     write_model_files(qa, root / "mlm" / "vocab.txt", root / "qa")
+    tagger = BertForTokenClassification.from_pretrained(str(root / "mlm"), num_labels=7)  # run_ner.py's head
+    (root / "ner").mkdir()
+    write_model_files(tagger, root / "mlm" / "vocab.txt", root / "ner")
     with open(shared_data / "chnsenticorp" / "ChnSentiCorp_htl_all.csv", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["review"].strip()]
     rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[:900]]
@@ -57,8 +61,8 @@ def models(tmp_path_factory, shared_data) -> dict[str, Path]:
     doc = json.loads((shared_data / "cmrc2018" / "trial.json").read_text(encoding="utf-8"))
     doc["data"] = doc["data"][:6]
     (root / "mrc_dev.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    return {"mlm": root / "mlm", "encoder": root / "mlm", "mrc": root / "qa", "classification": root / "ft" / "best",
-            "root": root}
+    return {"mlm": root / "mlm", "encoder": root / "mlm", "mrc": root / "qa", "ner": root / "ner",
+            "classification": root / "ft" / "best", "root": root}
 
 
 def ort_outputs(path: Path, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -75,10 +79,10 @@ def encode(tokenizer, texts: list[str], pairs: bool = False) -> dict[str, torch.
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=96, return_tensors="pt"))
 
 
-@pytest.mark.parametrize("task", ["mlm", "classification", "mrc", "encoder"])
+@pytest.mark.parametrize("task", ["mlm", "classification", "mrc", "ner", "encoder"])
 def test_export_matches_pytorch_at_any_batch_and_length(task, models, real_lines):
     out = models["root"] / f"onnx_{task}"
-    int8 = task in ("classification", "mrc")
+    int8 = task in ("classification", "mrc", "ner")
     dev = {"dev_file": str(models["root"] / "mrc_dev.json"), "dev_task": "cmrc2018", "max_seq_length": 256} \
         if task == "mrc" else {}
     report = export_folder(str(models[task]), str(out), task="encoder" if task == "encoder" else "auto",

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import pretraining_dataset, tiny_bert
 from transformers import BertConfig, BertModel
 
 from minirbt.matches import (
@@ -115,22 +115,14 @@ def test_pretraining_and_task_distillation_with_relations(tiny_teacher, tmp_path
     """train.py --matches minilmv2_relations (teacher 4 x 64 with 4 heads -> student 2 x 32 with 2 heads): the
     relation terms fall; run_classification.py --teacher --matches minilmv2_relations alone trains the student."""
     from minirbt.classification import ClassificationArguments, run_classification
-    from minirbt.data import build_pretraining_dataset
     from minirbt.modeling import save_model_folder
-    from minirbt.refs import RefBuilder, write_ref_file
-    from minirbt.segmentation import make_segmenter
-    from minirbt.tokenization import LineTokenizer, default_vocab_path, load_tokenizer
+    from minirbt.tokenization import default_vocab_path
     from minirbt.trainer import DistillArguments, train
 
-    lines = [x for x in real_lines if x.strip()]
-    (tmp_path / "train.txt").write_text("\n".join(lines[:400]) + "\n", encoding="utf-8")
-    builder = RefBuilder(LineTokenizer(load_tokenizer(vocab_dir)), make_segmenter("jieba"))
-    write_ref_file(builder, tmp_path / "train.txt", tmp_path / "train_ref.txt", progress=False)
-    build_pretraining_dataset([tmp_path / "train.txt"], [tmp_path / "train_ref.txt"], vocab_dir, tmp_path / "ds",
-                              max_seq_length=64)
+    dataset = pretraining_dataset([x for x in real_lines if x.strip()][:400], vocab_dir, tmp_path / "corpus")
     config = tmp_path / "student.json"
     config.write_text(json.dumps(tiny_bert(layers=2, hidden=32, heads=2, ffn=64).config.to_dict()))
-    summary = train(DistillArguments(teacher=str(tiny_teacher), dataset=str(tmp_path / "ds"),
+    summary = train(DistillArguments(teacher=str(tiny_teacher), dataset=str(dataset),
                                      output_dir=str(tmp_path / "out"), student_config=str(config),
                                      matches=["minilmv2_relations"], kd_weight=0, mlm_weight=0, max_steps=40,
                                      batch_size=8, learning_rate=2e-3, save_steps=40, eval_steps=0, logging_steps=1,

@@ -49,10 +49,8 @@ def test_no_trust_remote_code_anywhere():
 
 
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, tiny_teacher, vocab_dir, real_lines):
-    from minirbt.data import build_pretraining_dataset
-    from minirbt.refs import RefBuilder, write_ref_file
-    from minirbt.segmentation import make_segmenter
-    from minirbt.tokenization import LineTokenizer, load_tokenizer
+    from conftest import pretraining_dataset
+
     from minirbt.trainer import DistillArguments, train
 
     bad = tmp_path / "nan_teacher"
@@ -60,16 +58,12 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, tiny_teacher, voca
     weights = load_file(str(bad / "model.safetensors"))
     weights["cls.predictions.bias"][:] = float("nan")
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    (tmp_path / "c.txt").write_text("\n".join(real_lines[:200]) + "\n", encoding="utf-8")
-    builder = RefBuilder(LineTokenizer(load_tokenizer(vocab_dir)), make_segmenter("jieba"))
-    write_ref_file(builder, tmp_path / "c.txt", tmp_path / "c_ref.txt", progress=False)
-    build_pretraining_dataset([tmp_path / "c.txt"], [tmp_path / "c_ref.txt"], vocab_dir, tmp_path / "ds",
-                              max_seq_length=64)
+    dataset = pretraining_dataset(real_lines[:200], vocab_dir, tmp_path / "corpus")
     cfg = tmp_path / "s.json"
     cfg.write_text(json.dumps(tiny_bert(layers=1, hidden=32, heads=2, ffn=64).config.to_dict()))
     out = tmp_path / "out"
     with pytest.raises(CorpusError, match=r"non-finite loss at step 1: term kd"):
-        train(DistillArguments(teacher=str(bad), dataset=str(tmp_path / "ds"), output_dir=str(out),
+        train(DistillArguments(teacher=str(bad), dataset=str(dataset), output_dir=str(out),
                                student_config=str(cfg), max_steps=4, batch_size=4, save_steps=2, eval_steps=0,
                                min_teacher_accuracy=0))
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
