@@ -191,6 +191,9 @@ def run_ner(args: NERArguments) -> dict:
                               f"{labels}: is it fine-tuned on this data set?")
     rows = {name: encode(tokenizer, sents, labels, args.max_seq_length) if sents else None
             for name, sents in (("train", train_s), ("dev", dev_s), ("test", test_s))}
+    # a training window whose every token the tokenizer drops (spaces only) has nothing to learn from; a batch of
+    # such windows would average a loss over no position (NaN). Scoring keeps them (their tokens are scored).
+    rows["train"] = [r for r in rows["train"] if r["positions"]]
 
     def scores(model, split: str, sents: list[NERSentence]) -> dict:
         return score([s.tags for s in sents], predict_tags(model, rows[split], sents, labels, pad_id, device,

@@ -260,11 +260,16 @@ def test_run_ner_cli_on_the_embedded_set(ner_data, tmp_path):
 def test_teacher_with_other_tags_is_refused(ner_data, tmp_path):
     data, _ = ner_data
     f = tmp_path / "t.txt"
-    write_ner(f, [NERSentence(list("张三"), ["B-PER", "I-PER"], "x")] * 4)
+    # sentences of spaces only: windows without a scored token (batches of them alone: batch size 1)
+    spaces = NERSentence([" ", " "], ["O", "O"], "y")
+    write_ner(f, [NERSentence(list("张三"), ["B-PER", "I-PER"], "x")] * 4 + [spaces] * 3)
     save_model_folder(tiny_bert(layers=1, hidden=32, heads=2, ffn=64), default_vocab_path(), tmp_path / "m")
     first = run_ner(NERArguments(task="msra", model=str(tmp_path / "m"), train_file=str(f), dev_file=str(f),
-                                 output_dir=str(tmp_path / "t"), epochs=1))
-    assert first["labels"] == ["O", "B-PER", "I-PER"]
+                                 output_dir=str(tmp_path / "t"), epochs=1, batch_size=1))
+    assert first["labels"] == ["O", "B-PER", "I-PER"] and first["windows"]["train"] == 4
+    assert first["windows"]["dev"] == 7  # scored all the same: every token of the dev file has a prediction
+    lines = (tmp_path / "t" / "predictions_dev.txt").read_text(encoding="utf-8").split("\n")
+    assert sum(1 for x in lines if x) == 4 * 2 + 3 * 2
     with pytest.raises(CorpusError, match="teacher .* predicts the tags"):
         run_ner(NERArguments(task="peoples_daily", model=str(tmp_path / "m"), train_file=str(data / "train.txt"),
                              dev_file=str(data / "dev.txt"), output_dir=str(tmp_path / "s"),
