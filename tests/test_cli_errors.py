@@ -274,7 +274,7 @@ CASES = [
     Case("export-no-weights", "a model folder without weights", EXPORT,
          ("--model", "{ws}/no_weights", "--output", "{ws}/o"), "lacks model.safetensors"),
     Case("export-task", "an unknown --task", EXPORT, ("--model", "{ws}/teacher", "--output", "{ws}/o", "--task",
-                                                      "ner"), "argument --task: invalid choice: 'ner'"),
+                                                      "pos"), "argument --task: invalid choice: 'pos'"),
     Case("export-no-head", "a classification export of a model never fine-tuned", EXPORT,
          ("--model", "{ws}/teacher", "--output", "{ws}/o", "--task", "classification"),
          "has no classification head"),
