@@ -18,6 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def fresh_fault_counters():
+    """``MINIRBT_FAULT`` counts arrivals per process; tests share one process, so each starts from zero."""
+    from minirbt import faults
+
+    faults._hits.clear()
+    yield
+    faults._hits.clear()
+
+
 def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the project's command-line scripts the way a user does."""
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,

@@ -69,6 +69,11 @@ def test_shared_preset_names_mean_the_same_mapping():
 def test_project_names_that_differ_are_not_theirs():
     own = set(PRESETS) - set(TEXTBREWER) - set(MINIRBT)
     assert own == {"L12_L6_hidden_mse", "L12_L6_hidden_mse_H256", "L12_L6_hidden_mse_H288", "L6_L6_hidden_mse_H256",
-                   "L6_L6_hidden_mse_H288", "L12_L4_hidden_mse_H312", "L12_L4_hidden_mse"}
+                   "L6_L6_hidden_mse_H288", "L12_L4_hidden_mse_H312", "L12_L4_hidden_mse",
+                   "L6_minilmv2_H256", "L6_minilmv2_H288", "L12_L6_minilmv2_H256"}
+    # MiniLMv2's relations are our own presets (neither TextBrewer nor MiniRBT ships them): last layers only
+    for name, layer_t in (("L6_minilmv2_H256", 6), ("L6_minilmv2_H288", 6), ("L12_L6_minilmv2_H256", 12)):
+        assert {(m["relation"], m["layer_T"], m["layer_S"]) for m in PRESETS[name]} == \
+            {(r, layer_t, 6) for r in ("query", "key", "value")}
     assert PRESETS["L6_L6_hidden_mse_H256"] == MINIRBT["L6h256_rbt6_hidden_mse"]
     assert PRESETS["L12_L6_hidden_mse_H288"] == MINIRBT["L6n0_hidden_mse"]
