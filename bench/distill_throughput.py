@@ -1,6 +1,6 @@
 """Benchmark stage 4: the project's distillation step vs TextBrewer's GeneralDistiller.
 
-    python bench/distill_throughput.py [--steps 12] [--batch 8] [--seq 128]
+    python bench/distill_throughput.py [--steps 12] [--batch 8] [--seq 128] [--repeats 3]
 
 Identical random-weight models (an RBT6-shaped teacher, 6 x 768, and a
 MiniRBT-H256 student, 6 x 256; vocab 21,128) and identical whole-word-masked
@@ -11,10 +11,16 @@ at T = 8, AdamW, clipping at 1.0.
 (a) the project's training step (``minirbt.trainer.distill_losses``: LM heads on
     the masked positions only), fp32, and bf16 autocast;
 (b) ``textbrewer.GeneralDistiller`` configured as MiniRBT does: a model output
-    adaptor with ``logits_mask`` for the masked positions, fp32 (its fp16 needs apex).
+    adaptor with ``logits_mask`` for the masked positions, fp32 (its fp16 needs apex);
+(c) stage 2 as ``train.py --students`` runs it: MiniRBT-H256 and H288 trained from one
+    teacher forward per batch, vs the two students' steps run separately (each paying
+    its own teacher forward), in the faster of (a)'s precisions.
 
-The LAST line printed is one JSON object: {"project_tokens_per_s", "textbrewer_tokens_per_s",
-"ratio", "gflops_per_s", "bf16_matmul_peak_gflops_per_s", ...}.
+Repeats are interleaved (one timing of every configuration per round) and medians
+reported, so a noisy neighbour slows every side alike. The LAST line printed is one
+JSON object: {"project_tokens_per_s", "textbrewer_tokens_per_s", "ratio", "gflops_per_s",
+"bf16_matmul_peak_gflops_per_s", "multi_student_time_ratio", ...}; the CPU's flags are
+printed before it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import io
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -44,9 +51,13 @@ from minirbt.modeling import load_config  # noqa: E402
 from minirbt.refs import RefBuilder  # noqa: E402
 from minirbt.segmentation import make_segmenter  # noqa: E402
 from minirbt.tokenization import LineTokenizer, load_tokenizer, save_tokenizer  # noqa: E402
-from minirbt.trainer import Student, distill_losses  # noqa: E402
+from minirbt.trainer import Student, distill_losses, teacher_outputs  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from inference import cpu_flags  # noqa: E402
 
 PRESET = "L6_L6_hidden_mse_H256"
+STUDENTS = {"minirbt_h256": "L6_L6_hidden_mse_H256", "minirbt_h288": "L6_L6_hidden_mse_H288"}
 
 
 def make_batches(n: int, batch: int, seq: int) -> list[dict]:
@@ -75,32 +86,45 @@ def make_batches(n: int, batch: int, seq: int) -> list[dict]:
 
 
 def models(seed: int = 0) -> tuple[BertForMaskedLM, BertForMaskedLM]:
+    """TextBrewer's side: the RBT6-shaped teacher and the H256 student."""
     torch.manual_seed(seed)
     teacher = BertForMaskedLM(load_config("rbt6")).eval()
     student = BertForMaskedLM(load_config("minirbt_h256"))
     return teacher, student
 
 
-def run_project(batches: list[dict], bf16: bool, steps: int) -> float:
-    teacher, model = models()
-    matches = resolve_matches([PRESET])
-    # train.py's defaults with a teacher: KD at T = 8, no MLM term, the preset's hidden-state matches
-    config = DistillConfig(8.0, intermediate_matches=matches)
-    student = Student(model, build_projections(matches), config)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+def run_project(batches: list[dict], bf16: bool, steps: int, shapes: tuple[str, ...] = ("minirbt_h256",),
+                together: bool = False) -> float:
+    """Seconds of ``steps`` training steps (after two warm-up steps) of the students ``shapes`` from one RBT6
+    teacher: with ``together`` one teacher forward per batch for all of them (train.py --students), else each
+    student's step pays its own, as separate runs would. The teacher is stored in bf16 under bf16, as train.py
+    stores it."""
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(load_config("rbt6")).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if bf16:
+        teacher = teacher.to(torch.bfloat16)
+    runs = []
+    for shape in shapes:
+        matches = resolve_matches([STUDENTS[shape]])
+        # train.py's defaults with a teacher: KD at T = 8, no MLM term, the preset's hidden-state matches
+        config = DistillConfig(8.0, intermediate_matches=matches)
+        student = Student(BertForMaskedLM(load_config(shape)), build_projections(matches), config)
+        runs.append((student, config, torch.optim.AdamW(student.parameters(), lr=1e-4)))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     t0 = 0.0
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
             t0 = time.perf_counter()
         batch = batches[i % len(batches)]
-        terms = distill_losses(teacher, student, batch, config, autocast)
-        sum(terms.values()).backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        out_T = teacher_outputs(teacher, batch, [c for _, c, _ in runs], autocast) if together else None
+        for student, config, opt in runs:
+            terms = distill_losses(teacher, student, batch, config, autocast, out_T)
+            sum(terms.values()).backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
 
@@ -168,16 +192,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="Interleaved rounds (medians are reported).")
     args = ap.parse_args()
+    flags = cpu_flags()
+    print(f"CPU: {flags['model']}; flags: {' '.join(flags['flags']) or 'none of interest'}; torch threads "
+          f"{torch.get_num_threads()}", flush=True)
     torch.manual_seed(0)
     batches = make_batches(4, args.batch, args.seq)
     tokens = args.steps * args.batch * args.seq
     masked = sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)
 
-    tb_s = run_textbrewer(batches, args.steps)
-    fp32_s = run_project(batches, bf16=False, steps=args.steps)
-    bf16_s = run_project(batches, bf16=True, steps=args.steps)
-    best = min(fp32_s, bf16_s)
+    sides = {"textbrewer": lambda: run_textbrewer(batches, args.steps),
+             "fp32": lambda: run_project(batches, bf16=False, steps=args.steps),
+             "bf16": lambda: run_project(batches, bf16=True, steps=args.steps)}
+    times: dict[str, list[float]] = {}
+    for r in range(args.repeats):  # interleaved: a noisy neighbour slows every side alike
+        for name, side in sides.items():
+            times.setdefault(name, []).append(side())
+        bf16 = statistics.median(times["bf16"]) < statistics.median(times["fp32"])
+        for name, together in (("separate", False), ("together", True)):
+            times.setdefault(name, []).append(run_project(batches, bf16, args.steps, tuple(STUDENTS), together))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), file=sys.stderr,
+              flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best_name = "bf16" if med["bf16"] < med["fp32"] else "fp32"
+    best, tb_s = med[best_name], med["textbrewer"]
     flops = train_flops(args.batch, args.seq, masked) * args.steps
     peak = bf16_peak()
     result = {
@@ -186,14 +225,16 @@ def main() -> None:
         "ratio": round(tb_s / best, 2),
         "gflops_per_s": round(flops / best / 1e9, 1),
         "bf16_matmul_peak_gflops_per_s": round(peak, 1),
-        "project_fp32_tokens_per_s": round(tokens / fp32_s, 1),
-        "project_bf16_tokens_per_s": round(tokens / bf16_s, 1),
-        "ratio_fp32_vs_fp32": round(tb_s / fp32_s, 2),
+        "multi_student_time_ratio": round(med["together"] / med["separate"], 3),
+        "multi_student_precision": best_name,
+        "project_fp32_tokens_per_s": round(tokens / med["fp32"], 1),
+        "project_bf16_tokens_per_s": round(tokens / med["bf16"], 1),
+        "ratio_fp32_vs_fp32": round(tb_s / med["fp32"], 2),
+        "repeats": args.repeats, "ratio_per_round": [round(t / min(a, b), 2) for t, a, b in
+                                                     zip(times["textbrewer"], times["fp32"], times["bf16"])],
         "steps": args.steps, "batch": args.batch, "seq": args.seq, "masked_per_batch": masked,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "cpu_flags": flags["flags"],
     }
-    print(f"textbrewer {tb_s:.2f} s, project fp32 {fp32_s:.2f} s, bf16 {bf16_s:.2f} s for {args.steps} steps",
-          file=sys.stderr)
     print(json.dumps(result))
 
 

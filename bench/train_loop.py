@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from minirbt import trainer  # noqa: E402
 from minirbt.modeling import load_config, save_model_folder  # noqa: E402
+from minirbt.step_batches import StepBatches  # noqa: E402
 from minirbt.tokenization import LineTokenizer, load_tokenizer, save_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -66,7 +67,7 @@ def run_loop(inputs: dict, out: Path, args, in_memory: list | None) -> float:
                                  min_teacher_accuracy=0, dataloader_workers=args.workers, logging_steps=10**6)
     original = trainer.step_loader
     if in_memory is not None:
-        trainer.step_loader = lambda run: iter(in_memory[run.step :])
+        trainer.step_loader = lambda train, tok, args, rank, world, start, device: iter(in_memory[start:])
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             summary = trainer.train(a)
@@ -85,7 +86,7 @@ def collator_rate(inputs: dict, seq: int = 512, n: int = 256) -> float:
     train = load_pretraining_dataset(ds_dir)["train"]
     args = trainer.DistillArguments(dataset=str(ds_dir), output_dir="unused", tokenizer=str(inputs["vocab"]),
                                     student_config="minirbt_h256", batch_size=min(n, len(train)), max_steps=4)
-    steps = trainer.StepBatches(train, load_tokenizer(inputs["vocab"]), args, 0, 1)
+    steps = StepBatches(train, load_tokenizer(inputs["vocab"]), args, 0, 1)
     steps[0]  # the collator and data order are built on first use
     t0 = time.perf_counter()
     for step in range(1, 4):
@@ -110,7 +111,7 @@ def main() -> None:
         from minirbt.data import load_pretraining_dataset
 
         train = load_pretraining_dataset(inputs["dataset"])["train"]
-        prepared = trainer.StepBatches(train, load_tokenizer(inputs["vocab"]), trainer.DistillArguments(
+        prepared = StepBatches(train, load_tokenizer(inputs["vocab"]), trainer.DistillArguments(
             dataset=str(inputs["dataset"]), output_dir="unused", teacher=str(inputs["teacher"]),
             student_config="minirbt_h256", batch_size=args.batch, max_steps=args.steps), 0, 1)
         in_memory = [prepared[s] for s in range(args.steps)]  # the very batches the loop would make

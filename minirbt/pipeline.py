@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minirbt import stages
-from minirbt.recipe import TEACHER, Recipe, Stage, train_settings
+from minirbt.recipe import TEACHER, Recipe, Stage, stage_groups, train_settings
 from minirbt.textio import CorpusError, atomic_path, iter_lines, list_corpus_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,22 +180,38 @@ def stage_refs_and_dataset(out: Path, r: Recipe, segmenter: str, vocab: Path) ->
 
 
 # ------------------------------------------------------------------ distillation and fine-tuning
-def distill(out: Path, settings: dict, teacher: Path | None, student: dict, dataset: Path, vocab: Path,
+def distill(jobs: list[tuple[Path, dict, dict]], teacher: Path | None, dataset: Path, vocab: Path,
             nproc: int) -> None:
-    """One train.py run with the recipe's settings: resumed when interrupted, skipped by train() when complete."""
-    from minirbt.trainer import DistillArguments, summary_lines, train
+    """train.py runs with the recipe's settings, one per (output folder, settings, student) job, all of them from
+    one teacher pass when there are several (a recipe's ``one_pass``): resumed when interrupted, skipped by
+    train_students() when complete."""
+    from minirbt.pretrain_setup import ONE_PASS_SHARED
+    from minirbt.trainer import DistillArguments, summary_lines, train_students
 
-    args = DistillArguments(dataset=str(dataset), output_dir=str(out), resume=True,
-                            teacher=str(teacher) if teacher is not None else None,
-                            tokenizer=str(vocab) if teacher is None else None, **student, **settings)
-    print(f"train {out.name}: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "matches"), flush=True)
+    students = [DistillArguments(dataset=str(dataset), output_dir=str(out), resume=True,
+                                 teacher=str(teacher) if teacher is not None else None,
+                                 tokenizer=str(vocab) if teacher is None else None, **student, **settings)
+                for out, settings, student in jobs]
+    for out, settings, _ in jobs:
+        print(f"train {out.name}: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "matches"),
+              flush=True)
     if nproc == 1:
-        for line in summary_lines(args.output_dir, train(args)):
-            print(line, flush=True)
+        for args, summary in zip(students, train_students(students)):
+            for line in summary_lines(args.output_dir, summary):
+                print(line, flush=True)
         return
-    args_file = out.parent / f".{out.name}.train_args.json"  # beside the run: train.py refuses foreign files in it
+    first = jobs[0][0]
+    launch = asdict(students[0])
+    if len(students) > 1:  # each student's own settings in a --students file, the shared ones in the arguments
+        own = [{k: v for k, v in asdict(a).items() if k not in (*ONE_PASS_SHARED, "students", "recipe", "stage")}
+               for a in students]
+        students_file = first.parent / f".{first.name}.students.json"
+        with atomic_path(students_file, replace=True) as tmp:
+            tmp.write_text(json.dumps(own, indent=2) + "\n")
+        launch |= {"output_dir": None, "students": str(students_file)}
+    args_file = first.parent / f".{first.name}.train_args.json"  # beside the run: train.py refuses foreign files in it
     with atomic_path(args_file, replace=True) as tmp:
-        tmp.write_text(json.dumps(asdict(args), indent=2) + "\n")
+        tmp.write_text(json.dumps(launch, indent=2) + "\n")
     script("pretraining/train.py", "--args_json", args_file, launcher=["torchrun", "--nproc_per_node", str(nproc)])
 
 
@@ -303,7 +319,7 @@ def stand_in_teacher(out: Path, r: Recipe, dataset: Path, vocab: Path, nproc: in
 
     header("3. teacher stand-in: whole-word-mask MLM pretraining from scratch")
     t_cfg = write_config(out / "configs" / "teacher.json", r.model_config(TEACHER))
-    distill(out / "models" / "teacher", train_settings(r, None), None, {"student_config": str(t_cfg)}, dataset,
+    distill([(out / "models" / "teacher", train_settings(r, None), {"student_config": str(t_cfg)})], None, dataset,
             vocab, nproc)
     random_dir = out / "models" / "teacher_random"
     vocab_file = vocab / "vocab.txt"
@@ -326,16 +342,19 @@ def distill_stages(out: Path, r: Recipe, teacher_dir: Path, dataset: Path, vocab
     print(build_teacher_assistant(str(teacher_dir), ta_cfg, folders[r.ta_init_name],
                                   r.ta_init.get("layer_map", "uniform")), flush=True)  # skipped when up to date
     models = []
-    for s in r.stages:
-        settings = train_settings(r, s)
-        if s.header:
-            temperature = settings.get("temperature", _default("temperature"))
-            header(s.header.format(temperature=f"{temperature:g}"))
-        student = _student(out, r, s, folders)
-        folders[s.name] = out / "models" / s.name
-        distill(folders[s.name], settings, folders[s.teacher] if s.teacher else None, student, dataset, vocab,
-                nproc)
-        models.append(Model(s.name, s.title, folders[s.name], s.teacher or TEACHER))
+    for group in stage_groups(r):  # stages of one ``one_pass``: one teacher forward per batch for all of them
+        first, settings = group[0], train_settings(r, group[0])
+        if first.header:
+            together = f" + {', '.join(s.name for s in group[1:])}, from one teacher pass" if group[1:] else ""
+            header(first.header.format(temperature=f"{settings.get('temperature', _default('temperature')):g}")
+                   + together)
+        jobs = []
+        for s in group:
+            student = _student(out, r, s, folders)
+            folders[s.name] = out / "models" / s.name
+            jobs.append((folders[s.name], train_settings(r, s), student))
+            models.append(Model(s.name, s.title, folders[s.name], s.teacher or TEACHER))
+        distill(jobs, folders[group[0].teacher] if group[0].teacher else None, dataset, vocab, nproc)
     return models
 
 

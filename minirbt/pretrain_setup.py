@@ -38,13 +38,14 @@ RESUME_CHANGEABLE = ("max_steps",)
 NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "save_steps",
                 "save_total_limit", "eval_steps", "eval_batches", "logging_steps", "on_nonfinite",
                 "min_teacher_accuracy", "max_skipped_steps", "resume", "recipe", "stage", "device",
-                "overwrite_output", "accept_changed", "gradient_accumulation_steps", "dataloader_workers")
+                "overwrite_output", "accept_changed", "gradient_accumulation_steps", "dataloader_workers", "students")
 
 
 @dataclass
 class DistillArguments(TrainingFlags):
     dataset: str = field(metadata={"help": "Dataset folder from pretraining/my_datasets.py."})
-    output_dir: str = field(metadata={"help": "Where the student, checkpoints and TensorBoard logs go."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Where the student, checkpoints and TensorBoard logs go (required, unless --students names them)."})
     teacher: str | None = field(default=None, metadata={
         "help": "Teacher: a model folder (a stage-1 output works as-is) or a Hugging Face model id such as "
                 "hfl/chinese-roberta-wwm-ext. Without it: plain MLM pretraining."})
@@ -92,11 +93,20 @@ class DistillArguments(TrainingFlags):
                 "settings (its [distill] table and the stage's matches) replace these defaults; flags given here "
                 "override them. What pretraining/distill.sh runs."})
     stage: str | None = field(default=None, metadata={"help": "With --recipe: the stage's name."})
+    students: str | None = field(default=None, metadata={
+        "help": "Several students from one teacher pass: a JSON file listing one object per student, each with its "
+                "own output_dir and any of its own settings (student_config or student_init, matches, "
+                "learning_rate, temperature, ...) over this command's flags; the teacher, data and steps are "
+                "shared. Each student ends as its single-student run would."})
     accept_changed: list[str] = field(default_factory=list, metadata={
         "nargs": "*", "help": f"With --resume: settings allowed to differ from the run's record "
                               f"({', '.join(RESUME_CHANGEABLE)}; e.g. to continue a run to more steps)."})
 
     def __post_init__(self):
+        if bool(self.output_dir) == bool(self.students):
+            raise CorpusError("--output_dir is required (or --students FILE, whose entries each name one)" if not
+                              self.output_dir else "--output_dir and --students: each student in the --students "
+                              "file names its own output_dir")
         check_ranges(self, at_least_1=("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps",
                                        "eval_batches", "logging_steps"),
                      non_negative=("kd_weight", "mlm_weight", "weight_decay", "eval_steps", "save_total_limit",
@@ -319,3 +329,97 @@ def check_shapes(args: DistillArguments, matches: list[dict]) -> None:
         if conf is not None and length > conf.max_position_embeddings:
             raise CorpusError(f"the dataset {args.dataset} has sequences of {length} tokens, longer than the "
                               f"{what}'s max_position_embeddings {conf.max_position_embeddings}")
+
+
+# ------------------------------------------------------------------ several students from one teacher pass
+# Settings every student of one teacher pass shares: they decide the teacher's forward (its inputs: data order,
+# masks, steps) or the loop's schedule. The others (output_dir, student, matches, loss weights, temperature,
+# optimizer settings, ...) are each student's own.
+ONE_PASS_SHARED = ("dataset", "teacher", "tokenizer", "max_steps", "batch_size", "gradient_accumulation_steps",
+                   "mlm_probability", "seed", "device", "bf16", "dataloader_workers", "save_steps", "eval_steps",
+                   "eval_batches", "min_teacher_accuracy")
+
+
+def check_one_pass(students: list[DistillArguments]) -> None:
+    """Students trained from one teacher pass: at least one, distinct output folders, the shared settings equal."""
+    if not students:
+        raise CorpusError("no student to train (--students lists none)")
+    outs = [str(Path(a.output_dir).resolve()) for a in students]
+    for i, out in enumerate(outs):
+        if out in outs[:i]:
+            raise CorpusError(f"two students write to {students[i].output_dir}: each needs its own output_dir")
+    first = students[0]
+    for a in students[1:]:
+        for name in ONE_PASS_SHARED:
+            if getattr(a, name) != getattr(first, name):
+                raise CorpusError(f"students trained from one teacher pass share {name}: {first.output_dir} has "
+                                  f"{getattr(first, name)!r}, {a.output_dir} has {getattr(a, name)!r}")
+
+
+def read_students(args: DistillArguments) -> list[DistillArguments]:
+    """--students FILE: a JSON list of objects, each one student's own settings (output_dir required; any
+    DistillArguments field but the shared ones) over this command's flags (the file is read as data)."""
+    path = Path(args.students)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorpusError(f"--students {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"--students {path}: not JSON ({e})") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise CorpusError(f"--students {path}: expected a non-empty JSON list of objects, one per student")
+    fields = set(DistillArguments.__dataclass_fields__) - {"students", "recipe", "stage"}
+    students = []
+    for n, entry in enumerate(entries, 1):
+        unknown = sorted(set(entry) - fields)
+        shared = sorted(set(entry) & set(ONE_PASS_SHARED))
+        if unknown or shared or "output_dir" not in entry:
+            what = (f"unknown settings {unknown}" if unknown else f"shared settings {shared} belong on the "
+                    f"command line" if shared else "no output_dir")
+            raise CorpusError(f"--students {path}, student {n}: {what}")
+        base = {k: v for k, v in asdict(args).items() if k != "students"}
+        if "student_init" in entry or "student_config" in entry:  # the entry names its student, alone
+            base |= {"student_init": None, "student_config": None}
+        try:
+            students.append(DistillArguments(**(base | entry)))
+        except (TypeError, ValueError, CorpusError) as e:
+            raise CorpusError(f"--students {path}, student {n}: {e}") from None
+    return students
+
+
+@dataclass
+class Plan:
+    """One student's run as decided before anything loads: its matches and its claim on output_dir."""
+
+    args: DistillArguments
+    matches: list[dict]
+    claim: stages.Claim
+    request: dict
+
+
+def plan_runs(students: list[DistillArguments], d: Dist) -> list[Plan]:
+    """Every student's inputs, shapes and output folder checked (on every rank, agreed), before anything loads."""
+    def setup() -> list[Plan]:
+        plans = []
+        for args in students:
+            check_inputs(args)
+            matches = run_matches(args)
+            check_shapes(args, matches)
+            plans.append(Plan(args, matches, *decide_run(args, d, matches)))
+        return plans
+
+    plans = on_every_rank(d, setup, "checking the run's inputs and output folder")
+    for p in plans:
+        found = checkpoints(Path(p.args.output_dir)) if p.claim.state == "resume" else []
+        agree(d, {"output_dir": p.claim.state, "resume_from_step": checkpoint_step(found[-1]) if found else 0,
+                  "settings_and_inputs": request_digest(p.request)}, f"the run of {p.args.output_dir}")
+    return plans
+
+
+def finished_summary(args: DistillArguments) -> dict:
+    """What a skipped (already finished) run returns: its recorded summary, marked skipped."""
+    summary_file = Path(args.output_dir) / SUMMARY_NAME
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return {"steps": args.max_steps, "seconds": 0.0, "dev": {}} | summary | {"skipped": True}
+
+

@@ -20,13 +20,13 @@ import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from minirbt.textio import CorpusError
+from minirbt.textio import CorpusError, atomic_path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "pretraining" / "recipes"
 # train.py flags a recipe may not set: where things are (given per run), and how a run treats its folder.
 NOT_RECIPE = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "resume",
-              "overwrite_output", "accept_changed", "device")
+              "overwrite_output", "accept_changed", "device", "students")
 TEACHER = "teacher"  # the stages' name for the recipe's teacher (the given folder, or the demo's stand-in)
 
 
@@ -42,6 +42,9 @@ class Stage:
     student_config: str | None = None  # a key of [models]
     matches: str | list[str] | None = None
     baseline: bool = False  # a comparison only: the demo runs it, distill.sh does not
+    # Consecutive stages with the same one_pass name train together from one teacher pass (train.py --students):
+    # same teacher, each its own student, matches and output folder, and the same weights as when run alone.
+    one_pass: str | None = None
 
 
 @dataclass
@@ -190,9 +193,40 @@ def _check(r: Recipe) -> None:
     if unknown or (r.deploy and set(r.deploy) != {"models"}):
         raise CorpusError(f"{r.path}: [deploy] takes models = [stage names] only (got {sorted(r.deploy)}; "
                           f"unknown models: {', '.join(unknown) or 'none'})")
+    _check_passes(r)
     for pair in r.compare:
         if len(pair) != 3 or not {pair[0], pair[1]} <= done:
             raise CorpusError(f"{r.path}: compare entry {pair!r}: expected [stage, stage, what]")
+
+
+def _check_passes(r: Recipe) -> None:
+    seen: set[str] = set()
+    for group in stage_groups(r):
+        name = group[0].one_pass
+        if name is None:
+            continue
+        members = [s.name for s in group]
+        if name in seen:
+            raise CorpusError(f"{r.path}: the stages of one_pass {name!r} must be consecutive")
+        seen.add(name)
+        for s in group:
+            if s.teacher != group[0].teacher:
+                raise CorpusError(f"{r.path}: one_pass {name!r}: its stages must have one teacher ({group[0].name}: "
+                                  f"{group[0].teacher!r}, {s.name}: {s.teacher!r})")
+            if s.teacher in members or s.student_init in members:
+                raise CorpusError(f"{r.path}: one_pass {name!r}: stage {s.name!r} starts from another stage of the "
+                                  f"same pass ({s.teacher if s.teacher in members else s.student_init!r})")
+
+
+def stage_groups(r: Recipe) -> list[list[Stage]]:
+    """The stages in order, consecutive stages of one ``one_pass`` name grouped (a stage without one: alone)."""
+    groups: list[list[Stage]] = []
+    for s in r.stages:
+        if groups and s.one_pass is not None and groups[-1][-1].one_pass == s.one_pass:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
 
 
 def stage_matches(stage: Stage) -> list[str]:
@@ -230,32 +264,56 @@ def train_defaults(argv: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------ for pretraining/distill.sh
+def _shipped(r: Recipe, key: str) -> str:
+    spec = r.models.get(key)
+    if not isinstance(spec, str):
+        raise CorpusError(f"{r.path}: [models] {key} must be a shipped config name for distill.sh")
+    return spec
+
+
 def shell_plan(r: Recipe) -> list[str]:
     """What pretraining/distill.sh reads from a recipe, one fact per line: ``global_batch N``, ``ta_init NAME
     CONFIG LAYER_MAP``, then ``stage NAME TEACHER --student_init|--student_config STUDENT`` for every stage that
-    is not a baseline. Model shapes must be shipped config names there (the shell passes them as flags)."""
-    def shipped(key: str) -> str:
-        spec = r.models.get(key)
-        if not isinstance(spec, str):
-            raise CorpusError(f"{r.path}: [models] {key} must be a shipped config name for distill.sh")
-        return spec
-
+    is not a baseline, or ``pass NAME TEACHER STAGE,STAGE,...`` for stages trained from one teacher pass (their
+    ``--students`` file: :func:`students_file`). Model shapes must be shipped config names there."""
     lines = [f"global_batch {r.global_batch or ''}".rstrip(),
-             f"ta_init {r.ta_init_name} {shipped('ta')} {r.ta_init.get('layer_map', 'uniform')}"]
-    for s in r.stages:
-        if not s.baseline:
+             f"ta_init {r.ta_init_name} {_shipped(r, 'ta')} {r.ta_init.get('layer_map', 'uniform')}"]
+    for group in stage_groups(r):
+        group = [s for s in group if not s.baseline]
+        if len(group) > 1:
+            lines.append(f"pass {group[0].one_pass} {group[0].teacher or '-'} {','.join(s.name for s in group)}")
+        elif group:
+            s = group[0]
             student = f"--student_init {s.student_init}" if s.student_init else \
-                f"--student_config {shipped(s.student_config)}"
+                f"--student_config {_shipped(r, s.student_config)}"
             lines.append(f"stage {s.name} {s.teacher or '-'} {student}")
     return lines
+
+
+def students_file(r: Recipe, pass_name: str, out: Path, path: Path) -> None:
+    """distill.sh's ``--students`` file for one pass: each (non-baseline) stage's output folder under ``out``,
+    its student (a shipped config, or an earlier stage's folder) and its matches."""
+    group = [s for g in stage_groups(r) for s in g if s.one_pass == pass_name and not s.baseline]
+    if not group:
+        raise CorpusError(f"{r.path}: no stage has one_pass = {pass_name!r}")
+    entries = []
+    for s in group:
+        student = {"student_init": str(out / s.student_init)} if s.student_init else \
+            {"student_config": _shipped(r, s.student_config)}
+        entries.append({"output_dir": str(out / s.name), **student, "matches": stage_matches(s)})
+    with atomic_path(path, replace=True) as tmp:
+        tmp.write_text(json.dumps(entries, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
     from minirbt.cli import run
 
     def main() -> None:
-        if len(sys.argv) != 3 or sys.argv[1] != "stages":
-            raise CorpusError("usage: python -m minirbt.recipe stages RECIPE")
-        print("\n".join(shell_plan(load_recipe(sys.argv[2]))))
+        if len(sys.argv) == 3 and sys.argv[1] == "stages":
+            print("\n".join(shell_plan(load_recipe(sys.argv[2]))))
+        elif len(sys.argv) == 6 and sys.argv[1] == "students":
+            students_file(load_recipe(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))
+        else:
+            raise CorpusError("usage: python -m minirbt.recipe stages RECIPE | students RECIPE PASS OUT FILE")
 
     run(main)

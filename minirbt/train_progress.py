@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class Progress:
     """The progress bar and TensorBoard (rank 0 only): train terms averaged over --logging_steps, dev scores."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, name: str = "distill"):
         self.run, self.main = run, run.d.main
         self.writer = None
         if self.main:
@@ -25,7 +25,7 @@ class Progress:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run.out / "runs"))
-        self.bar = tqdm(total=run.args.max_steps, initial=run.step, desc="distill", disable=not self.main,
+        self.bar = tqdm(total=run.args.max_steps, initial=run.step, desc=name, disable=not self.main,
                         dynamic_ncols=True)
         self.sums: dict[str, float] = {}
         self.count = 0

@@ -6,11 +6,10 @@ exact 1-vs-N-process equivalence come from deriving *everything random* from
 checkpoint needs only the step, the weights and the optimizer; neither library
 exposes that, and the loop is short.
 
-Per optimizer step ``s`` the global batch is the next ``G = batch_size x
-gradient_accumulation_steps x world_size`` examples of a seeded permutation of the
-dataset (a new permutation each epoch). Rank ``r``, micro-step ``m`` takes the
-``(r x A + m)``-th slice of ``batch_size`` examples, so one process with A=2 and
-two processes with A=1 see the same examples with the same masks and dropout.
+The data order and masks of every (step, micro-batch) are ``minirbt.step_batches``'s; the
+dropout of a micro-batch is seeded the same way, here. One teacher pass can train several
+students (:func:`train_students`: e.g. MiniRBT-H256 and H288 from RBT6), each with its own
+matches, optimizer, checkpoints and output folder; a single-student run is that with one.
 
 Loss (``minirbt.distill``, shared with fine-tuning) = ``kd_weight`` x soft
 cross-entropy(student, teacher; T) at the masked positions + ``mlm_weight`` x
@@ -30,7 +29,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
 from minirbt import stages
-from minirbt.checkpoints import checkpoint_step, checkpoints, load_checkpoint_state, pretraining_kept, save_checkpoint
+from minirbt.checkpoints import checkpoints, load_checkpoint_state, pretraining_kept, save_checkpoint
 from minirbt.cli import check_device
 from minirbt.collator import ChineseWWMCollator
 from minirbt.data import load_pretraining_dataset
@@ -51,16 +49,15 @@ from minirbt.pretrain_setup import (
     SUMMARY_NAME,
     Dist,
     DistillArguments,
-    agree,
-    check_inputs,
-    check_shapes,
-    decide_run,
+    Plan,
+    check_one_pass,
+    finished_summary,
     on_every_rank,
-    request_digest,
-    run_matches,
+    plan_runs,
     setup_distributed,
     take_run,
 )
+from minirbt.step_batches import step_loader, sub_seed
 from minirbt.textio import CorpusError
 from minirbt.tokenization import load_tokenizer
 from minirbt.train_progress import Progress
@@ -87,40 +84,29 @@ class Student(nn.Module):
                                                  encoder_layers(self.model))
 
 
-def distill_losses(teacher: BertForMaskedLM | None, student: nn.Module, batch: dict, config: DistillConfig,
-                   autocast) -> dict[str, torch.Tensor]:
-    """Every weighted loss term of one micro-batch (fp32). ``student``: a :class:`Student`, maybe DDP-wrapped."""
-    hidden, attentions = config.needs_hidden, config.needs_attentions
+def teacher_outputs(teacher: BertForMaskedLM | None, batch: dict, configs: list[DistillConfig], autocast):
+    """The frozen teacher's forward on one micro-batch, with every output that one of ``configs`` (the students
+    trained from this pass) reads; None without a teacher."""
+    if teacher is None:
+        return None
     with autocast:
-        out_T = teacher_forward(teacher, batch, hidden, attentions, logits=bool(config.kd_loss_weight))
-        logits, hs, att, features = student(batch, hidden, attentions)
+        return teacher_forward(teacher, batch, any(c.needs_hidden for c in configs),
+                               any(c.needs_attentions for c in configs),
+                               logits=any(bool(c.kd_loss_weight) for c in configs))
+
+
+def distill_losses(teacher: BertForMaskedLM | None, student: nn.Module, batch: dict, config: DistillConfig,
+                   autocast, out_T=None) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of one micro-batch (fp32). ``student``: a :class:`Student`, maybe DDP-wrapped;
+    ``out_T``: the teacher's outputs when they are shared by several students (else computed here)."""
+    if out_T is None:
+        out_T = teacher_outputs(teacher, batch, [config], autocast)
+    with autocast:
+        logits, hs, att, features = student(batch, config.needs_hidden, config.needs_attentions)
     adapted_T = mlm_adaptor(out_T, batch, labels=False) | {"layers": encoder_layers(teacher)} \
         if teacher is not None else None
     adapted_S = mlm_adaptor((logits, hs, att), batch, labels=bool(config.hard_label_weight))
     return distill_terms(config, adapted_S | {"features": features}, adapted_T, None, batch["attention_mask"])
-
-
-def _sub_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63))
-
-
-class DataOrder:
-    """Example index at global position p: a seeded permutation per epoch."""
-
-    def __init__(self, n: int, seed: int):
-        if n == 0:
-            raise CorpusError("the training split of the dataset is empty")
-        self.n, self.seed = n, seed
-        self._epoch, self._perm = -1, None
-
-    def indices(self, start: int, count: int) -> list[int]:
-        out = []
-        for p in range(start, start + count):
-            epoch = p // self.n
-            if epoch != self._epoch:
-                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            out.append(int(self._perm[p % self.n]))
-        return out
 
 
 # ------------------------------------------------------------------ the run
@@ -163,16 +149,23 @@ class Run:
                         self.args, self.device, self.autocast)
 
 
-def build_run(args: DistillArguments, d: Dist, device: torch.device, config: DistillConfig, resume: bool) -> Run:
-    """Models (the teacher frozen), optimizer and schedule, the newest checkpoint when resuming, and the data."""
+def load_teacher(args: DistillArguments, attn: str | None, device: torch.device) -> BertForMaskedLM:
+    """The teacher, frozen; in bf16 under --bf16."""
+    teacher = load_mlm(args.teacher, "teacher", attn, require_head=True).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if args.bf16:  # frozen: cast once, not by autocast at every forward (its matmuls see the same bf16 weights)
+        teacher = teacher.to(torch.bfloat16)
+    return teacher
+
+
+def build_run(args: DistillArguments, d: Dist, device: torch.device, config: DistillConfig, resume: bool,
+              teacher: BertForMaskedLM | None = None) -> Run:
+    """Models (the teacher frozen; ``teacher``: one already loaded, shared by several students), optimizer and
+    schedule, the newest checkpoint when resuming, and the data."""
     attn = config.attn_implementation
-    teacher = None
-    if args.teacher:
-        teacher = load_mlm(args.teacher, "teacher", attn, require_head=True).to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        if args.bf16:  # frozen: cast once, not by autocast at every forward (its matmuls see the same bf16 weights)
-            teacher = teacher.to(torch.bfloat16)
+    if teacher is None and args.teacher:
+        teacher = load_teacher(args, attn, device)
     torch.manual_seed(args.seed)  # random student init is the same on every rank
     if args.student_init:
         model = load_mlm(args.student_init, "student", attn)
@@ -243,69 +236,31 @@ def restore(run: Run, attn: str | None) -> None:
         print(f"resuming from {found[-1]} (step {run.step})", flush=True)
 
 
-# ------------------------------------------------------------------ the input pipeline
-class StepBatches(torch.utils.data.Dataset):
-    """Item k: this rank's micro-batches of step k, collated on the host. Examples and masks come from (seed, step,
-    global micro-batch index) alone, so any number of processes sees the same global batch, a resumed run the same
-    batches, and DataLoader workers can prepare steps ahead in any process."""
-
-    def __init__(self, train, tokenizer, args: DistillArguments, rank: int, world: int):
-        self.train, self.tokenizer, self.args, self.rank, self.world = train, tokenizer, args, rank, world
-        self.collator: ChineseWWMCollator | None = None  # made in the process that uses it (a worker)
-        self.order: DataOrder | None = None
-
-    def __len__(self) -> int:
-        return self.args.max_steps
-
-    def __getitem__(self, step: int) -> list[dict]:
-        args = self.args
-        if self.collator is None:
-            self.collator = ChineseWWMCollator(self.tokenizer, args.mlm_probability, seed=args.seed)
-            self.order = DataOrder(len(self.train), args.seed)
-        A, B = args.gradient_accumulation_steps, args.batch_size
-        global_batch = B * A * self.world
-        batches = []
-        for m in range(A):
-            g = self.rank * A + m  # global micro-batch index within the step
-            idx = self.order.indices(step * global_batch + g * B, B)
-            columns = self.train[idx]  # one Arrow read for the micro-batch, not one per example
-            examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
-            self.collator.rng = np.random.default_rng([args.seed, step, g])
-            batches.append(host_batch(self.collator, examples))
-        return batches
-
-
-def step_loader(run: Run) -> torch.utils.data.DataLoader:
-    """Steps run.step .. max_steps - 1 in order, prepared by ``--dataloader_workers`` processes ahead of the loop
-    (pinned for CUDA copies); the training process only waits when the workers fall behind."""
-    args = run.args
-    workers = args.dataloader_workers
-    steps = StepBatches(run.data["train"], run.tokenizer, args, run.d.rank, run.d.world)
-    return torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(run.step, args.max_steps),
-                                       num_workers=workers, pin_memory=run.device.type == "cuda",
-                                       prefetch_factor=2 if workers else None, persistent_workers=False)
-
-
 # ------------------------------------------------------------------ one optimizer step
 
 
-def forward_backward(run: Run, batches: list[dict]) -> tuple[list[str], torch.Tensor]:
-    """Forward and backward of the step's micro-batches: (term names, their values averaged over the micro-batches
-    as one vector on the device). Nothing here waits for the device; :func:`update` reads the vector once."""
-    args, d = run.args, run.d
-    A = len(batches)
-    total, names = None, []
+def forward_backward(runs: list[Run], batches: list[dict]) -> list[tuple[list[str], torch.Tensor]]:
+    """Forward and backward of the step's micro-batches for each run (students of one teacher pass: the teacher
+    runs once per micro-batch): per run, (term names, their values averaged over the micro-batches as one vector
+    on the device). Nothing here waits for the device; :func:`update` reads the vector once."""
+    first = runs[0]
+    d, A = first.d, len(batches)
+    totals: list = [None] * len(runs)
+    names: list[list[str]] = [[] for _ in runs]
     for m, host in enumerate(batches):
-        batch = to_device(host, run.device)
-        torch.manual_seed(_sub_seed(args.seed, run.step, d.rank * A + m))  # dropout: same on any number of ranks
+        batch = to_device(host, first.device)
+        out_T = teacher_outputs(first.teacher, batch, [r.config for r in runs], first.autocast)
         sync = m == A - 1 or d.world == 1
-        with run.ddp_student.no_sync() if not sync else nullcontext():
-            terms = distill_losses(run.teacher, run.ddp_student, batch, run.config, run.autocast)
-            # even when a term is NaN: every DDP rank runs the same collectives; update() decides
-            (sum(terms.values()) / A).backward()
-        values = term_values(terms) / A
-        total, names = (values if total is None else total + values), list(terms)
-    return names, total
+        for i, run in enumerate(runs):
+            # dropout: the same on any number of ranks, and the same as this student's single-student run
+            torch.manual_seed(sub_seed(run.args.seed, run.step, d.rank * A + m))
+            with run.ddp_student.no_sync() if not sync else nullcontext():
+                terms = distill_losses(run.teacher, run.ddp_student, batch, run.config, run.autocast, out_T)
+                # even when a term is NaN: every DDP rank runs the same collectives; update() decides
+                (sum(terms.values()) / A).backward()
+            values = term_values(terms) / A
+            totals[i], names[i] = (values if totals[i] is None else totals[i] + values), list(terms)
+    return list(zip(names, totals))
 
 
 def update(run: Run, names: list[str], total: torch.Tensor) -> tuple[dict[str, float], float, bool]:
@@ -385,64 +340,95 @@ def summary_lines(output_dir: str, summary: dict) -> list[str]:
 
 # ------------------------------------------------------------------ the loop
 def train(args: DistillArguments) -> dict:
-    check_device(args.device)
-    d, device = setup_distributed(args.device)  # first: a check that fails on one node must stop every node
+    """One student (train.py's usual run): its summary."""
+    return train_students([args])[0]
 
-    def setup() -> tuple:
-        check_inputs(args)
-        matches = run_matches(args)
-        check_shapes(args, matches)
-        return (matches, *decide_run(args, d, matches))
 
-    matches, claim, request = on_every_rank(d, setup, "checking the run's inputs and output folder")
-    found = checkpoints(Path(args.output_dir)) if claim.state == "resume" else []
-    agree(d, {"output_dir": claim.state, "resume_from_step": checkpoint_step(found[-1]) if found else 0,
-              "settings_and_inputs": request_digest(request)}, "the run")
-    if claim.state == "done":
-        summary_file = Path(args.output_dir) / SUMMARY_NAME
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        if d.world > 1:  # every rank decided alike from the same record
-            dist.destroy_process_group()
-        return {"steps": args.max_steps, "seconds": 0.0, "dev": {}} | summary | {"skipped": True}
-    run = on_every_rank(d, lambda: build_run(args, d, device, args.distill_config(matches), claim.state == "resume"),
-                        "loading the models and the dataset")
-    checked: dict = {}
-    if run.teacher is not None and run.step == 0:  # every rank decides alike (same data, same masks)
-        checked = check_teacher(run.teacher, run.student.model, run.data, run.tokenizer, args, device, run.autocast)
-    take_run(claim, request, d)
-
-    progress = Progress(run)
-    first_eval: dict = {}
-    last_eval: dict = {}
-    if run.dev_set is not None and d.main and run.step == 0:
-        first_eval = checked or run.evaluate()  # the teacher check already measured the dev split
-        progress.dev(first_eval)
-    t0 = time.perf_counter()
-    run.student.train()
-    batches = iter(step_loader(run))
-    try:
-        while run.step < args.max_steps:
-            names, total = forward_backward(run, next(batches))
-            terms, grad_norm, skipped = update(run, names, total)
-            run.step += 1
-            progress.step(terms, grad_norm, skipped)
-            if run.dev_set is not None and due(run, args.eval_steps) and d.main:
-                last_eval = run.evaluate()
-                progress.dev(last_eval)
-            if due(run, args.save_steps):
-                checkpoint(run)
-    except KeyboardInterrupt:
-        progress.bar.close()
-        raise KeyboardInterrupt(f"training stopped during step {run.step + 1}; {pretraining_kept(run.out)}") from None
-    progress.bar.close()
-    summary = {"steps": run.step, "global_batch": args.batch_size * args.gradient_accumulation_steps * d.world,
-               "world_size": d.world, "matches": matches, "seconds": time.perf_counter() - t0,
-               "dev_start": first_eval, "dev": last_eval, "history": run.history, "dev_history": run.dev_history,
-               "skipped_steps": run.skipped, "args": asdict(args)}
-    if d.main:
-        write_final(run, summary)
-    progress.close()
+def train_students(students: list[DistillArguments]) -> list[dict]:
+    """Train several students from one teacher pass per micro-batch (each its own matches, projections,
+    optimizer, checkpoints and output folder; the data, masks and steps shared: ``check_one_pass``). Each
+    student's weights are those of its own single-student run. A finished student is skipped; the others resume
+    from their own newest checkpoints, a student behind the others training alone until it catches up."""
+    check_one_pass(students)
+    first = students[0]
+    check_device(first.device)
+    d, device = setup_distributed(first.device)  # first: a check that fails on one node must stop every node
+    plans = plan_runs(students, d)
+    summaries: list[dict | None] = [finished_summary(p.args) if p.claim.state == "done" else None for p in plans]
+    todo = [p for p in plans if p.claim.state != "done"]
+    if todo:
+        configs = [p.args.distill_config(p.matches) for p in todo]
+        attn = "eager" if any(c.attn_implementation for c in configs) else None
+        teacher = on_every_rank(d, lambda: load_teacher(first, attn, device) if first.teacher else None,
+                                "loading the teacher")
+        runs = [on_every_rank(d, lambda p=p, c=c: build_run(p.args, d, device, c, p.claim.state == "resume",
+                                                            teacher), f"loading {p.args.output_dir}")
+                for p, c in zip(todo, configs)]
+        done = iter(train_runs(runs, todo, d))
+        summaries = [s if s is not None else next(done) for s in summaries]
     if d.world > 1:
-        dist.barrier()
+        if todo:
+            dist.barrier()
         dist.destroy_process_group()
-    return summary
+    return summaries
+
+
+def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
+    """The loop: step k's batches go to every student at step k (one teacher forward for all of them)."""
+    first = runs[0]
+    # The teacher is checked once, before any output folder is touched, when a student starts from step 0; the
+    # check's dev scores are that student's step-0 evaluation.
+    checked_by = next((i for i, r in enumerate(runs) if r.teacher is not None and r.step == 0), None)
+    checked = {} if checked_by is None else check_teacher(
+        first.teacher, runs[checked_by].student.model, first.data, first.tokenizer, runs[checked_by].args,
+        first.device, first.autocast)  # every rank decides alike (same data, same masks)
+    for plan in plans:
+        take_run(plan.claim, plan.request, d)
+    start_evals: list[dict] = [{} for _ in runs]
+    for i, run in enumerate(runs):
+        if run.dev_set is not None and d.main and run.step == 0:
+            start_evals[i] = (checked if i == checked_by else {}) or run.evaluate()
+    progress = [Progress(run, name=Path(run.args.output_dir).name if len(runs) > 1 else "distill") for run in runs]
+    for run, prog, ev in zip(runs, progress, start_evals):
+        if ev:
+            prog.dev(ev)
+        run.student.train()
+    last_evals = [{} for _ in runs]
+    t0 = time.perf_counter()
+    step, end = min(r.step for r in runs), first.args.max_steps
+    batches = iter(step_loader(first.data["train"], first.tokenizer, first.args, d.rank, d.world, step,
+                               first.device))
+    try:
+        while step < end:
+            active = [i for i, r in enumerate(runs) if r.step == step]
+            host = next(batches)
+            for i, (names, total) in zip(active, forward_backward([runs[i] for i in active], host)):
+                run = runs[i]
+                terms, grad_norm, skipped = update(run, names, total)
+                run.step += 1
+                progress[i].step(terms, grad_norm, skipped)
+                if run.dev_set is not None and due(run, run.args.eval_steps) and d.main:
+                    last_evals[i] = run.evaluate()
+                    progress[i].dev(last_evals[i])
+                if due(run, run.args.save_steps):
+                    checkpoint(run)
+            step += 1
+    except KeyboardInterrupt:
+        for prog in progress:
+            prog.bar.close()
+        kept = "; ".join(pretraining_kept(r.out) for r in runs)
+        raise KeyboardInterrupt(f"training stopped during step {step + 1}; {kept}") from None
+    seconds = time.perf_counter() - t0
+    summaries = []
+    for run, plan, prog, ev0, ev in zip(runs, plans, progress, start_evals, last_evals):
+        prog.bar.close()
+        args = run.args
+        summary = {"steps": run.step, "global_batch": args.batch_size * args.gradient_accumulation_steps * d.world,
+                   "world_size": d.world, "matches": plan.matches, "seconds": seconds, "dev_start": ev0,
+                   "dev": ev, "history": run.history, "dev_history": run.dev_history, "skipped_steps": run.skipped,
+                   "trained_with": [r.args.output_dir for r in runs if r is not run], "args": asdict(args)}
+        if d.main:
+            write_final(run, summary)
+        prog.close()
+        summaries.append(summary)
+    return summaries

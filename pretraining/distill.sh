@@ -67,7 +67,7 @@ recipe() {  # python -m minirbt.recipe stages "$RECIPE" ...: what the recipe say
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m minirbt.recipe stages "$RECIPE" "$@"
 }
 PLAN=$(recipe) || exit 2
-STAGES=$(echo "$PLAN" | sed -n 's/^stage //p')
+STAGES=$(echo "$PLAN" | grep -E '^(stage|pass) ' || true)  # "pass": stages trained from one teacher pass
 TA_INIT=$(echo "$PLAN" | sed -n 's/^ta_init //p')
 [ -n "$GLOBAL_BATCH" ] || GLOBAL_BATCH=$(echo "$PLAN" | sed -n 's/^global_batch //p')
 for v in NPROC NNODES PER_DEVICE_BATCH GLOBAL_BATCH; do
@@ -131,11 +131,22 @@ fi
 
 # Every stage of the recipe (not its baselines), in order: NAME TEACHER --student_init|--student_config STUDENT.
 # --resume: an interrupted stage continues from its newest checkpoint; a finished one is skipped by train.py.
-while read -r name teacher student_flag student; do
+while read -r kind name teacher student_flag student; do
   [ "$teacher" = teacher ] && from=$TEACHER || from=$OUT/$teacher
+  if [ "$kind" = pass ]; then  # several students, one teacher forward per batch: train.py --students
+    first=${student_flag%%,*}
+    list=$OUT/.$name.students.json
+    echo "== $name: $from -> $(echo "$student_flag" | tr ',' ' ') (one teacher pass)"
+    run env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m minirbt.recipe students "$RECIPE" "$name" \
+      "$OUT" "$list"
+    run $LAUNCH "$ROOT/pretraining/train.py" --recipe "$RECIPE" --stage "$first" --teacher "$from" \
+      --students "$list" --dataset "$DATASET" \
+      --batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$ACCUM" --resume $OVERRIDES \
+      $OVERWRITE_FLAG $EXTRA
+    continue
+  fi
   [ "$student_flag" = --student_init ] && student=$OUT/$student
   echo "== $name: $from -> $OUT/$name"
-  # shellcheck disable=SC2086
   run $LAUNCH "$ROOT/pretraining/train.py" --recipe "$RECIPE" --stage "$name" --teacher "$from" \
     "$student_flag" "$student" --dataset "$DATASET" --output_dir "$OUT/$name" \
     --batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$ACCUM" --resume $OVERRIDES \
@@ -143,4 +154,6 @@ while read -r name teacher student_flag student; do
 done <<STAGES
 $STAGES
 STAGES
-echo "done: $(echo "$STAGES" | while read -r name _; do printf '%s ' "$OUT/$name"; done)"
+echo "done: $(echo "$STAGES" | while read -r kind name _ members _; do
+  if [ "$kind" = pass ]; then for m in $(echo "$members" | tr ',' ' '); do printf '%s ' "$OUT/$m"; done
+  else printf '%s ' "$OUT/$name"; fi; done)"

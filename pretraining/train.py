@@ -6,6 +6,10 @@
     python pretraining/train.py --recipe minirbt --stage rbt6 --teacher ... --student_init ... \
         --dataset ... --output_dir ...      # the stage's settings from pretraining/recipes/minirbt.toml
     torchrun --nproc_per_node 8 pretraining/train.py ...      # several GPUs (DDP)
+    python pretraining/train.py --teacher outputs/rbt6 --dataset dataset/cached --students students.json ...
+        # several students from one teacher pass; students.json, one object per student:
+        # [{"output_dir": "outputs/h256", "student_config": "minirbt_h256", "matches": ["L6_L6_hidden_mse_H256"]},
+        #  {"output_dir": "outputs/h288", "student_config": "minirbt_h288", "matches": ["L6_L6_hidden_mse_H288"]}]
 
 See minirbt/trainer.py for the loop, minirbt/distill.py for the loss and
 minirbt/matches.py for the match format and presets. ``--resume`` continues from
@@ -21,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minirbt.cli import parse, run  # noqa: E402
+from minirbt.pretrain_setup import read_students  # noqa: E402
 from minirbt.recipe import train_defaults  # noqa: E402
 from minirbt.textio import CorpusError  # noqa: E402
-from minirbt.trainer import DistillArguments, summary_lines, train  # noqa: E402
+from minirbt.trainer import DistillArguments, summary_lines, train_students  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +41,10 @@ def main() -> None:
         (args,) = parse_json(DistillArguments, argv[1])
     else:
         (args,) = parse(DistillArguments, defaults=train_defaults(argv), argv=argv)
-    for line in summary_lines(args.output_dir, train(args)):
-        print(line)
+    students = read_students(args) if args.students else [args]
+    for student, summary in zip(students, train_students(students)):
+        for line in summary_lines(student.output_dir, summary):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     proc = run_script("scripts/demo.py", "--quick", "--output_dir", out)
     for stage in ("0. corpus", "1. whole-word-mask refs (jieba)", "2. chunked Arrow dataset", "3. teacher stand-in",
-                  "5. stage 1", "6. stage 2", "6b. stage 2 with MiniLMv2", "7. baselines", "8. fine-tuning", "8b. NER",
-                  "8c. deployment", "9. held-out"):
+                  "5. stage 1", "6. stage 2", "two_stage_H288, minilmv2_H256, from one teacher pass", "7. baselines",
+                  "8. fine-tuning", "8b. NER", "8c. deployment", "9. held-out"):
         assert stage in proc.stdout, stage
     assert "| Student H256 (two-stage) |" in proc.stdout  # the table is printed
 
@@ -101,6 +101,11 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert all(0 <= d["test_accuracy"] <= 1 and d["latency_ms"] > 0 for d in own.values())
         assert (out / "deploy" / key / "onnx" / "model_quantized.onnx").is_file()
     assert sum("int8:" in f for f in results["findings"]) == 4
+    # stage 2's three students came from one teacher-assistant pass (recipe: one_pass), each with its own run
+    for key in ("two_stage_H256", "two_stage_H288", "minilmv2_H256"):
+        summary = json.loads((out / "models" / key / "minirbt_training.json").read_text())
+        assert sorted(summary["trained_with"]) == sorted(str(out / "models" / k) for k in
+                                                         {"two_stage_H256", "two_stage_H288", "minilmv2_H256"} - {key})
     minilm = json.loads((out / "models" / "minilmv2_H256" / "minirbt_training.json").read_text())
     assert minilm["args"]["matches"] == ["minilmv2_relations"] and minilm["args"]["max_steps"] == \
         json.loads((out / "models" / "two_stage_H256" / "minirbt_training.json").read_text())["args"]["max_steps"]

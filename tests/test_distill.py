@@ -308,23 +308,37 @@ def test_distill_sh_dry_run_for_two_nodes_of_eight_gpus(tmp_path):
     launch = (f"python3 -m torch.distributed.run --nnodes 2 --node_rank {{}} --nproc_per_node 8 --master_addr "
               f"10.1.2.3 --master_port 29555 {ROOT}/pretraining/train.py")
     recipe = f"--recipe {ROOT}/pretraining/recipes/minirbt.toml --stage "
+    students = tmp_path / "out" / ".stage2.students.json"
     for rank, cmds in nodes.items():
-        assert len(cmds) == 4  # teacher assistant (or waiting for it), stage 1, two stage-2 runs
-        for cmd, stage in zip(cmds[1:], ("rbt6", "minirbt_h256", "minirbt_h288")):
+        # teacher assistant (or waiting for it), stage 1, stage 2's --students file, stage 2: H256 and H288
+        # trained from one RBT6 forward per batch
+        assert len(cmds) == 4
+        for cmd, stage in zip((cmds[1], cmds[3]), ("rbt6", "minirbt_h256")):
             assert cmd.startswith(launch.format(rank) + " " + recipe + stage + " ")
             assert "--gradient_accumulation_steps 8 " in cmd and "--resume" in cmd and "--batch_size 32 " in cmd
             # the recipe's settings are train.py's to read: none is repeated on the command line
             assert "--temperature" not in cmd and "--bf16" not in cmd and "--max_steps" not in cmd
-    assert "--student_config minirbt_h288 " in nodes["0"][3]
+        assert cmds[2].endswith(f"python3 -m minirbt.recipe students {ROOT}/pretraining/recipes/minirbt.toml stage2 "
+                                f"{tmp_path}/out {students}")
+        assert f"--students {students} " in cmds[3] and "--output_dir" not in cmds[3]
+    # what that command writes, train.py reads: each student's folder, shape and matches
+    subprocess.run([sys.executable, "-m", "minirbt.recipe", "students", str(ROOT / "pretraining/recipes/minirbt.toml"),
+                    "stage2", str(tmp_path / "out"), str(students)], check=True, cwd=ROOT)
+    from minirbt.pretrain_setup import read_students
+
+    listed = read_students(DistillArguments(teacher=str(tmp_path / "out" / "rbt6"), dataset=str(tmp_path / "ds"),
+                                            students=str(students)))
+    assert [(a.output_dir, a.student_config, a.matches) for a in listed] == [
+        (str(tmp_path / "out" / n), n, [f"L6_L6_hidden_mse_H{n[-3:]}"]) for n in ("minirbt_h256", "minirbt_h288")]
     assert nodes["0"][0].startswith(f"python3 {ROOT}/scripts/init_checkpoint_TA.py --teacher {tmp_path}/teacher")
     assert nodes["1"][0].endswith(f"python3 -m minirbt.stages wait 'model folder' {tmp_path}/out/rbt6_init "
                                   "--timeout 86400")
-    assert "--teacher " + str(tmp_path / "out" / "rbt6") in nodes["0"][2]
+    assert "--teacher " + str(tmp_path / "out" / "rbt6") in nodes["0"][3]
     # one node: torchrun's --standalone (no fixed port shared with another job); accumulation from the GPUs
     one = dry(NPROC="8", TEMPERATURE="4", BF16="0", STEPS="10")
     assert "-m torch.distributed.run --standalone --nproc_per_node 8 " in one.stdout
     assert "--gradient_accumulation_steps 16 " in one.stdout
-    assert one.stdout.count(" --max_steps 10 --temperature 4 --bf16 false") == 3  # overrides, every stage
+    assert one.stdout.count(" --max_steps 10 --temperature 4 --bf16 false") == 2  # overrides, every train.py run
     # a global batch that does not divide is refused, not rounded; several nodes need node 0's address
     bad = dry(PER_DEVICE_BATCH="48")
     assert bad.returncode == 2 and "not a multiple of PER_DEVICE_BATCH x NPROC x NNODES" in bad.stderr
@@ -429,7 +443,8 @@ class HostSyncs(torch.overrides.TorchFunctionMode):
 def test_host_syncs_per_step_do_not_grow_with_loss_terms_or_accumulation(tiny_teacher, dataset, student_config,
                                                                          tmp_path):
     from minirbt.pretrain_setup import Dist, check_inputs, run_matches
-    from minirbt.trainer import StepBatches, build_run, forward_backward, update
+    from minirbt.step_batches import StepBatches
+    from minirbt.trainer import build_run, forward_backward, update
 
     with HostSyncs() as probe:  # the counter sees a sync when there is one
         torch.ones(2).sum().item()
@@ -453,7 +468,7 @@ def test_host_syncs_per_step_do_not_grow_with_loss_terms_or_accumulation(tiny_te
                     b["attention_mask"][0, -3:] = 0
                     b["padded"] = True
             with HostSyncs() as syncs:
-                terms, _, _ = update(run, *forward_backward(run, batches))
+                terms, _, _ = update(run, *forward_backward([run], batches)[0])
             run.step += 1
             steps.append(syncs.calls)
         assert len(terms) == (1 if accumulation == 1 else 5)  # kd + mlm + 3 matches

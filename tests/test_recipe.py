@@ -53,8 +53,7 @@ def test_minirbt_recipe_uses_the_published_presets_which_the_rule_reproduces():
     assert PRESETS["L12_L6_hidden_mse_H288"] == uniform_hidden_mse(12, 6, 768, 288)
     assert shell_plan(r) == ["global_batch 4096", "ta_init rbt6_init rbt6 uniform",
                              "stage rbt6 teacher --student_init rbt6_init",
-                             "stage minirbt_h256 rbt6 --student_config minirbt_h256",
-                             "stage minirbt_h288 rbt6 --student_config minirbt_h288"]
+                             "pass stage2 rbt6 minirbt_h256,minirbt_h288"]
     with pytest.raises(CorpusError, match="must be a shipped config name for distill.sh"):
         shell_plan(load_recipe("demo"))
 

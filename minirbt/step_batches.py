@@ -1,0 +1,84 @@
+"""The pretraining input pipeline: which examples, with which masks, every micro-batch of every step takes.
+
+Per optimizer step ``s`` the global batch is the next ``G = batch_size x gradient_accumulation_steps x
+world_size`` examples of a seeded permutation of the dataset (a new permutation each epoch). Rank ``r``,
+micro-step ``m`` takes the ``(r x A + m)``-th slice of ``batch_size`` examples, and its whole-word masks come
+from ``(seed, step, r x A + m)``: one process with A=2 and two processes with A=1 see the same examples with the
+same masks, a resumed run the same batches as an uninterrupted one, and DataLoader workers can prepare steps
+ahead in any process. Dropout follows the same rule (:func:`sub_seed`, in the loop).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minirbt.collator import ChineseWWMCollator
+from minirbt.mlm_eval import host_batch
+from minirbt.pretrain_setup import DistillArguments
+from minirbt.textio import CorpusError
+
+
+def sub_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (step, micro-batch, ...), independent across its inputs."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+class DataOrder:
+    """Example index at global position p: a seeded permutation per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise CorpusError("the training split of the dataset is empty")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for p in range(start, start + count):
+            epoch = p // self.n
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            out.append(int(self._perm[p % self.n]))
+        return out
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k: this rank's micro-batches of step k, collated on the host (examples and masks from (seed, step,
+    global micro-batch index) alone)."""
+
+    def __init__(self, train, tokenizer, args: DistillArguments, rank: int, world: int):
+        self.train, self.tokenizer, self.args, self.rank, self.world = train, tokenizer, args, rank, world
+        self.collator: ChineseWWMCollator | None = None  # made in the process that uses it (a worker)
+        self.order: DataOrder | None = None
+
+    def __len__(self) -> int:
+        return self.args.max_steps
+
+    def __getitem__(self, step: int) -> list[dict]:
+        args = self.args
+        if self.collator is None:
+            self.collator = ChineseWWMCollator(self.tokenizer, args.mlm_probability, seed=args.seed)
+            self.order = DataOrder(len(self.train), args.seed)
+        A, B = args.gradient_accumulation_steps, args.batch_size
+        global_batch = B * A * self.world
+        batches = []
+        for m in range(A):
+            g = self.rank * A + m  # global micro-batch index within the step
+            idx = self.order.indices(step * global_batch + g * B, B)
+            columns = self.train[idx]  # one Arrow read for the micro-batch, not one per example
+            examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            self.collator.rng = np.random.default_rng([args.seed, step, g])
+            batches.append(host_batch(self.collator, examples))
+        return batches
+
+
+def step_loader(train, tokenizer, args: DistillArguments, rank: int, world: int, start: int,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """Steps start .. max_steps - 1 in order, prepared by ``--dataloader_workers`` processes ahead of the loop
+    (pinned for CUDA copies); the training process only waits when the workers fall behind."""
+    workers = args.dataloader_workers
+    steps = StepBatches(train, tokenizer, args, rank, world)
+    return torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(start, args.max_steps),
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       prefetch_factor=2 if workers else None, persistent_workers=False)
