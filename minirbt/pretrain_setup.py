@@ -38,7 +38,8 @@ RESUME_CHANGEABLE = ("max_steps",)
 NOT_RECORDED = ("dataset", "output_dir", "teacher", "tokenizer", "student_init", "student_config", "save_steps",
                 "save_total_limit", "eval_steps", "eval_batches", "logging_steps", "on_nonfinite",
                 "min_teacher_accuracy", "max_skipped_steps", "resume", "recipe", "stage", "device",
-                "overwrite_output", "accept_changed", "gradient_accumulation_steps", "dataloader_workers", "students")
+                "overwrite_output", "accept_changed", "gradient_accumulation_steps", "dataloader_workers", "students",
+                "torch_compile", "torch_compile_backend")
 
 
 @dataclass
@@ -88,6 +89,12 @@ class DistillArguments(TrainingFlags):
     dataloader_workers: int = field(default=2, metadata={
         "help": "Worker processes that fetch and mask the next steps' batches while the current step runs (0: in "
                 "the training process). Batches are the same either way: they depend on (seed, step) only."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "torch.compile the student's and the teacher's encoders (the first steps compile, which takes "
+                "minutes; the rest run fused kernels). Numerically equal to eager up to rounding."})
+    torch_compile_backend: str = field(default="inductor", metadata={
+        "help": "With --torch_compile: the torch.compile backend (inductor; aot_eager traces without code "
+                "generation)."})
     recipe: str | None = field(default=None, metadata={
         "help": "A recipe (pretraining/recipes/*.toml, or a shipped name: minirbt, demo, quick) whose --stage "
                 "settings (its [distill] table and the stage's matches) replace these defaults; flags given here "
@@ -337,7 +344,7 @@ def check_shapes(args: DistillArguments, matches: list[dict]) -> None:
 # optimizer settings, ...) are each student's own.
 ONE_PASS_SHARED = ("dataset", "teacher", "tokenizer", "max_steps", "batch_size", "gradient_accumulation_steps",
                    "mlm_probability", "seed", "device", "bf16", "dataloader_workers", "save_steps", "eval_steps",
-                   "eval_batches", "min_teacher_accuracy")
+                   "eval_batches", "min_teacher_accuracy", "torch_compile", "torch_compile_backend")
 
 
 def check_one_pass(students: list[DistillArguments]) -> None:

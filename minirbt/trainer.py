@@ -156,6 +156,8 @@ def load_teacher(args: DistillArguments, attn: str | None, device: torch.device)
         p.requires_grad_(False)
     if args.bf16:  # frozen: cast once, not by autocast at every forward (its matmuls see the same bf16 weights)
         teacher = teacher.to(torch.bfloat16)
+    if args.torch_compile:
+        teacher.bert.compile(backend=args.torch_compile_backend)
     return teacher
 
 
@@ -174,6 +176,8 @@ def build_run(args: DistillArguments, d: Dist, device: torch.device, config: Dis
         if attn:
             model_config._attn_implementation = attn
         model = BertForMaskedLM(model_config)
+    if args.torch_compile:  # in place: the state dict keeps its names (checkpoints load into an eager model)
+        model.bert.compile(backend=args.torch_compile_backend)
     vocab_dir = args.tokenizer or args.teacher or args.student_init
     student = Student(model, build_projections(config.intermediate_matches), config).to(device)
     optimization = Optimization(student.model, student.projections, lr=args.learning_rate,

@@ -475,3 +475,20 @@ def test_host_syncs_per_step_do_not_grow_with_loss_terms_or_accumulation(tiny_te
         counts[label] = steps
     flat = [sum(c.values()) for steps in counts.values() for c in steps]
     assert max(flat) <= 2 and len(set(flat)) == 1, counts
+
+
+def test_torch_compile_trains_the_same_student(tiny_teacher, dataset, student_config, tmp_path):
+    """--torch_compile (aot_eager here: dynamo's trace and AOT autograd without C++ code generation) compiles
+    the encoders in place: the same weights as eager up to rounding, checkpoints with eager names."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for name, compiled in (("eager", False), ("compiled", True)):
+        train(args_for(tiny_teacher, dataset, student_config, tmp_path / name, max_steps=4, save_steps=2,
+                       torch_compile=compiled, torch_compile_backend="aot_eager", dataloader_workers=0))
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # dynamo did trace the compiled run
+    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert BertForMaskedLM.from_pretrained(str(tmp_path / "compiled" / "checkpoint-0000002")).config.hidden_size == 32
