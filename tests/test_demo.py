@@ -47,6 +47,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert m["params"] == sum(p.numel() for p in model.parameters())
         ft = json.loads((out / "finetune" / m["key"] / "results.json").read_text())
         assert abs(m["accuracy"] - ft["test_accuracy"]) < 1e-12 and len(m["per_seed"]) == 2
+        assert ft["train_examples"] == 250  # quick.toml's max_train_examples, of the 300 held out
         # every learning rate was tried on dev with the first seed; the reported one has its best dev accuracy,
         # and the other seed ran at that rate only
         search = ft["learning_rate_search"]
@@ -76,6 +77,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert (m["teacher_agreement"] is None) == (m["agreement_with"] is None)
     # NER: every model the recipe names fine-tuned on held-out People's Daily sentences, in the table
     ner_models = {m["key"] for m in results["models"] if "ner_test_f1" in m}
+    assert results["ner"]["sentences"] == {"train": 150, "dev": 60, "test": 60}  # the first 150 of 200 trained on
+    assert "the first 250 of the 300 held-out labelled reviews" in results["description"]
     assert ner_models == set(load_recipe("quick").ner["models"])
     for key in ner_models:
         ner = json.loads((out / "finetune_ner" / key / "results.json").read_text())
