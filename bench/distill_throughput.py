@@ -94,23 +94,28 @@ def models(seed: int = 0) -> tuple[BertForMaskedLM, BertForMaskedLM]:
 
 
 def run_project(batches: list[dict], bf16: bool, steps: int, shapes: tuple[str, ...] = ("minirbt_h256",),
-                together: bool = False) -> float:
+                together: bool = False, compiled: bool = False) -> float:
     """Seconds of ``steps`` training steps (after two warm-up steps) of the students ``shapes`` from one RBT6
     teacher: with ``together`` one teacher forward per batch for all of them (train.py --students), else each
     student's step pays its own, as separate runs would. The teacher is stored in bf16 under bf16, as train.py
-    stores it."""
+    stores it; ``compiled``: both encoders torch.compile'd in place, as train.py --torch_compile does (the
+    warm-up steps compile; they are not timed)."""
     torch.manual_seed(0)
     teacher = BertForMaskedLM(load_config("rbt6")).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if bf16:
         teacher = teacher.to(torch.bfloat16)
+    if compiled:
+        teacher.bert.compile()
     runs = []
     for shape in shapes:
         matches = resolve_matches([STUDENTS[shape]])
         # train.py's defaults with a teacher: KD at T = 8, no MLM term, the preset's hidden-state matches
         config = DistillConfig(8.0, intermediate_matches=matches)
         student = Student(BertForMaskedLM(load_config(shape)), build_projections(matches), config)
+        if compiled:
+            student.model.bert.compile()
         runs.append((student, config, torch.optim.AdamW(student.parameters(), lr=1e-4)))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     t0 = 0.0
@@ -193,6 +198,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="Interleaved rounds (medians are reported).")
+    ap.add_argument("--compile", action="store_true", help="Also time the project's step under torch.compile "
+                    "(inductor; train.py --torch_compile) in the faster precision: key project_compiled_*.")
     args = ap.parse_args()
     flags = cpu_flags()
     print(f"CPU: {flags['model']}; flags: {' '.join(flags['flags']) or 'none of interest'}; torch threads "
@@ -212,6 +219,8 @@ def main() -> None:
         bf16 = statistics.median(times["bf16"]) < statistics.median(times["fp32"])
         for name, together in (("separate", False), ("together", True)):
             times.setdefault(name, []).append(run_project(batches, bf16, args.steps, tuple(STUDENTS), together))
+        if args.compile:
+            times.setdefault("compiled", []).append(run_project(batches, bf16, args.steps, compiled=True))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), file=sys.stderr,
               flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -235,6 +244,9 @@ def main() -> None:
         "steps": args.steps, "batch": args.batch, "seq": args.seq, "masked_per_batch": masked,
         "threads": torch.get_num_threads(), "cpu_flags": flags["flags"],
     }
+    if args.compile:
+        result |= {"project_compiled_tokens_per_s": round(tokens / med["compiled"], 1),
+                   "compiled_vs_eager": round(best / med["compiled"], 2)}
     print(json.dumps(result))
 
 

@@ -6,8 +6,9 @@ Both sides run ``minirbt.trainer.train`` on the same Arrow dataset of People's D
 refs), with the same random-weight models (an RBT6-shaped teacher, 6 x 768, and a MiniRBT-H256 student, 6 x 256,
 hidden-state MSE matches + KD): (a) as it runs, its batches fetched from Arrow and whole-word-masked by
 ``--workers`` DataLoader processes; (b) with the step's batches prepared beforehand and handed over from memory
-(the loop's ``step_loader`` replaced). Repeats are interleaved (a, b, a, b, ...) and medians reported. The
-collator's own throughput (sequences of 512 tokens per second, one process) is measured beside them.
+(the loop's ``step_loader`` replaced). Repeats are interleaved (a, b, b, a, a, b, ...: the side that goes first
+alternates) and medians reported. The collator's own throughput (sequences of 512 tokens per second, one
+process) is measured beside them.
 
 The LAST line is one JSON object: {"loop_tokens_per_s", "compute_only_tokens_per_s", "data_overhead",
 "collator_sequences_per_s_512", "workers", "cpu_flags", ...}; ``data_overhead`` = compute_only / loop - 1.
@@ -117,8 +118,9 @@ def main() -> None:
         in_memory = [prepared[s] for s in range(args.steps)]  # the very batches the loop would make
         times: dict[str, list[float]] = {"loop": [], "compute_only": []}
         for r in range(args.repeats):  # interleaved: a noisy neighbour slows both sides alike
-            times["loop"].append(run_loop(inputs, work / f"a{r}", args, None))
-            times["compute_only"].append(run_loop(inputs, work / f"b{r}", args, in_memory))
+            sides = [("loop", None), ("compute_only", in_memory)]
+            for name, batches in sides if r % 2 == 0 else sides[::-1]:  # alternating which goes first
+                times[name].append(run_loop(inputs, work / f"{name}{r}", args, batches))
             print(f"repeat {r + 1}: loop {times['loop'][-1]:.2f} s, compute only {times['compute_only'][-1]:.2f} s "
                   f"({args.steps} steps of {args.batch} x {args.seq} tokens)", flush=True)
         rate = collator_rate(inputs)

@@ -166,6 +166,11 @@ CASES = [
     Case("train-resume-mlm-only", "--resume of a KD run as MLM-only", TRAIN,
          ("--tokenizer", "{ws}/vocab", *TRAIN_ARGS[2:], "--output_dir", "{ws}/run", "--resume"),
          "kd_weight: 1.0 -> 0.0"),
+    Case("train-students-shared", "a --students entry that sets a shared setting", TRAIN,
+         (*TRAIN_ARGS[:2], *TRAIN_ARGS[4:], "--students", "{ws}/students_shared.json"),
+         "shared settings ['max_steps'] belong on the command line"),
+    Case("train-students-over-teacher", "a second student written over the teacher (--students)", TRAIN,
+         (*TRAIN_ARGS[:2], *TRAIN_ARGS[4:], "--students", "{ws}/students_teacher.json"), "is the --teacher input"),
     Case("train-steps-below", "--max_steps below the checkpoint's step", TRAIN,
          (*TRAIN_BASE, "--max_steps", "1", "--output_dir", "{ws}/run", "--resume", "--accept_changed",
           "max_steps"), "is below the step of the newest checkpoint"),
@@ -358,6 +363,10 @@ def workspace(tmp_path_factory, vocab_dir, tiny_teacher, real_lines, shared_data
     cfg = tiny_bert(layers=2, hidden=64, heads=4, ffn=128).config.to_dict()
     (ws / "s.json").write_text(json.dumps(cfg))
     (ws / "short.json").write_text(json.dumps(cfg | {"max_position_embeddings": 32}))
+    first = {"output_dir": str(ws / "students_a"), "student_config": str(ws / "s.json")}
+    (ws / "students_shared.json").write_text(json.dumps([first | {"max_steps": 3}]))
+    (ws / "students_teacher.json").write_text(json.dumps([first, {"output_dir": str(ws / "teacher"),
+                                                                  "student_config": str(ws / "s.json")}]))
     torch.save({"bert.embeddings.word_embeddings.weight": _Exploit(ws / "pwned")}, ws / "evil.pkl")
     # outputs made by the project: refs (the CLI, with its record), a teacher assistant, a dataset, a finished
     # training run and a finished fine-tuning run
