@@ -8,8 +8,9 @@ batches of real text; MiniRBT's RBT6 -> H256 recipe: hidden-state MSE on layers
 (i, i), i = 0..6, through linear 256 -> 768 projections, plus soft cross-entropy
 at T = 8, AdamW, clipping at 1.0.
 
-(a) the project's training step (``minirbt.trainer.distill_losses``: LM heads on
-    the masked positions only), fp32, and bf16 autocast;
+(a) the project's training step as train.py runs it (``minirbt.trainer.distill_losses``: LM heads
+    on the masked positions only; the student's CPU dropout masks, ``minirbt.dropout``; MiniRBT's AdamW
+    on PyTorch's fused kernel, ``minirbt.optim``), fp32, and bf16 autocast;
 (b) ``textbrewer.GeneralDistiller`` configured as MiniRBT does: a model output
     adaptor with ``logits_mask`` for the masked positions, fp32 (its fp16 needs apex);
 (c) stage 2 as ``train.py --students`` runs it: MiniRBT-H256 and H288 trained from one
@@ -48,6 +49,7 @@ from minirbt.distill import DistillConfig  # noqa: E402
 from minirbt.matches import build_projections, resolve_matches  # noqa: E402
 from minirbt.mlm_eval import host_batch  # noqa: E402
 from minirbt.modeling import load_config  # noqa: E402
+from minirbt.optim import build_optimizer, parameter_groups  # noqa: E402
 from minirbt.refs import RefBuilder  # noqa: E402
 from minirbt.segmentation import make_segmenter  # noqa: E402
 from minirbt.tokenization import LineTokenizer, load_tokenizer, save_tokenizer  # noqa: E402
@@ -116,7 +118,9 @@ def run_project(batches: list[dict], bf16: bool, steps: int, shapes: tuple[str, 
         student = Student(BertForMaskedLM(load_config(shape)), build_projections(matches), config)
         if compiled:
             student.model.bert.compile()
-        runs.append((student, config, torch.optim.AdamW(student.parameters(), lr=1e-4)))
+        # train.py's optimizer: MiniRBT's AdamW (no bias correction), BERT's decay groups, PyTorch's fused kernel
+        opt = build_optimizer(parameter_groups(student.model, student.projections, 0.01), 1e-4, 1e-6, False)
+        runs.append((student, config, opt))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     t0 = 0.0
     for i in range(steps + 2):  # two warm-up steps

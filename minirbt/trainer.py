@@ -41,6 +41,7 @@ from minirbt.cli import check_device
 from minirbt.collator import ChineseWWMCollator
 from minirbt.data import load_pretraining_dataset
 from minirbt.distill import DistillConfig, distill_terms, mlm_adaptor, nonfinite_values, term_values
+from minirbt.dropout import use_cpu_dropout
 from minirbt.matches import build_projections, encoder_layers, student_features
 from minirbt.mlm_eval import check_teacher, evaluate, host_batch, masked_lm_forward, teacher_forward, to_device
 from minirbt.modeling import load_config, load_mlm, write_model_files
@@ -70,6 +71,7 @@ class Student(nn.Module):
 
     def __init__(self, model: BertForMaskedLM, projections: nn.ModuleList, config: DistillConfig):
         super().__init__()
+        use_cpu_dropout(model)  # same dropout, cheaper masks on the CPU (minirbt.dropout)
         self.model = model
         self.projections = projections
         self.matches = config.intermediate_matches

@@ -51,6 +51,31 @@ def test_no_bias_correction_matches_the_formula():
     again.load_state_dict(AdamWNoBiasCorrection([pw], lr=0.1).state_dict())
 
 
+@pytest.mark.parametrize("fused", [True, None])
+def test_no_bias_correction_with_skipped_steps_and_resume(fused):
+    """A parameter without a gradient in some steps keeps its own step count (its update uses no bias correction
+    either way), the scheduled settings are what the state dict holds, and a reloaded optimizer continues exactly."""
+    torch.manual_seed(1)
+    w0, b0 = torch.randn(6, 5), torch.randn(5)
+    gw = [torch.randn(6, 5) for _ in range(4)]
+    gb = [torch.randn(5) for _ in range(2)]  # b has gradients in steps 1 and 3 only
+    pw, pb = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    opt = AdamWNoBiasCorrection([{"params": [pw], "weight_decay": 0.05}, {"params": [pb], "weight_decay": 0.0}],
+                                lr=0.05, eps=1e-6, fused=fused)
+    for k in range(4):
+        pw.grad = gw[k].clone()
+        pb.grad = gb[k // 2].clone() if k % 2 == 0 else None
+        opt.step()
+        if k == 1:  # resume half-way from a state dict
+            state = opt.state_dict()
+            opt = AdamWNoBiasCorrection([{"params": [pw], "weight_decay": 0.05}, {"params": [pb], "weight_decay": 0.0}],
+                                        lr=0.05, eps=1e-6, fused=fused)
+            opt.load_state_dict(state)
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05] and opt.param_groups[0]["weight_decay"] == 0.05
+    assert torch.allclose(pw, _reference(w0, gw, 0.05, 0.05, 1e-6), atol=1e-6)
+    assert torch.allclose(pb, _reference(b0, gb, 0.05, 0.0, 1e-6), atol=1e-6)
+
+
 def test_groups_keep_projections_biases_and_layernorm_out_of_weight_decay():
     model = tiny_bert(layers=1, hidden=32, heads=2, ffn=64)
     proj = build_projections([{"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse",
@@ -61,5 +86,7 @@ def test_groups_keep_projections_biases_and_layernorm_out_of_weight_decay():
     assert all(id(p) in ids for p in proj.parameters())
     for name, p in model.named_parameters():
         assert (id(p) in ids) == (p.ndim < 2 or "LayerNorm" in name), name
-    assert isinstance(build_optimizer([decay, no_decay], 1e-3, 1e-6, False), AdamWNoBiasCorrection)
-    assert type(build_optimizer([decay, no_decay], 1e-3, 1e-8, True)) is torch.optim.AdamW
+    ours = build_optimizer([decay, no_decay], 1e-3, 1e-6, False)
+    torchs = build_optimizer([decay, no_decay], 1e-3, 1e-8, True)
+    assert isinstance(ours, AdamWNoBiasCorrection) and type(torchs) is torch.optim.AdamW
+    assert ours.defaults["fused"] and torchs.defaults["fused"]  # PyTorch's fused kernel on the CPU
