@@ -17,8 +17,9 @@ at T = 8, AdamW, clipping at 1.0.
     teacher forward per batch, vs the two students' steps run separately (each paying
     its own teacher forward), in the faster of (a)'s precisions.
 
-Repeats are interleaved (one timing of every configuration per round) and medians
-reported, so a noisy neighbour slows every side alike. The LAST line printed is one
+Both sides run under train.py's malloc settings (``minirbt.host_memory``: freed host memory kept for the
+next step), set once for the whole process. Repeats are interleaved (one timing of every configuration per
+round) and medians reported, so a noisy neighbour slows every side alike. The LAST line printed is one
 JSON object: {"project_tokens_per_s", "textbrewer_tokens_per_s", "ratio", "gflops_per_s",
 "bf16_matmul_peak_gflops_per_s", "multi_student_time_ratio", ...}; the CPU's flags are
 printed before it.
@@ -46,6 +47,7 @@ from transformers import BertForMaskedLM  # noqa: E402
 
 from minirbt.collator import ChineseWWMCollator  # noqa: E402
 from minirbt.distill import DistillConfig  # noqa: E402
+from minirbt.host_memory import keep_freed_host_memory  # noqa: E402
 from minirbt.matches import build_projections, resolve_matches  # noqa: E402
 from minirbt.mlm_eval import host_batch  # noqa: E402
 from minirbt.modeling import load_config  # noqa: E402
@@ -205,6 +207,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="Also time the project's step under torch.compile "
                     "(inductor; train.py --torch_compile) in the faster precision: key project_compiled_*.")
     args = ap.parse_args()
+    # train.py's malloc settings (minirbt.host_memory), process-wide: TextBrewer's side runs with them too
+    keep_freed_host_memory()
     flags = cpu_flags()
     print(f"CPU: {flags['model']}; flags: {' '.join(flags['flags']) or 'none of interest'}; torch threads "
           f"{torch.get_num_threads()}", flush=True)

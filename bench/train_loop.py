@@ -6,12 +6,16 @@ Both sides run ``minirbt.trainer.train`` on the same Arrow dataset of People's D
 refs), with the same random-weight models (an RBT6-shaped teacher, 6 x 768, and a MiniRBT-H256 student, 6 x 256,
 hidden-state MSE matches + KD): (a) as it runs, its batches fetched from Arrow and whole-word-masked by
 ``--workers`` DataLoader processes; (b) with the step's batches prepared beforehand and handed over from memory
-(the loop's ``step_loader`` replaced). Repeats are interleaved (a, b, b, a, a, b, ...: the side that goes first
+(the loop's ``step_loader`` replaced). Rates are the loop's steady rate (``steady_seconds``, ``steady_steps`` of
+train()'s summary: every step after the first), the cost of a long run; the first step's time, which holds the
+DataLoader's start-up (forking the workers, their collator set-up, the first batch) once per run, is reported
+beside them as ``first_step_s``. Repeats are interleaved (a, b, b, a, a, b, ...: the side that goes first
 alternates) and medians reported. The collator's own throughput (sequences of 512 tokens per second, one
 process) is measured beside them.
 
 The LAST line is one JSON object: {"loop_tokens_per_s", "compute_only_tokens_per_s", "data_overhead",
-"collator_sequences_per_s_512", "workers", "cpu_flags", ...}; ``data_overhead`` = compute_only / loop - 1.
+"collator_sequences_per_s_512", "workers", "first_step_s", "cpu_flags", ...}; ``data_overhead`` =
+compute_only / loop - 1.
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def build_inputs(work: Path, seq: int) -> dict[str, Path]:
     return {"dataset": work / "ds", "teacher": work / "teacher", "vocab": vocab}
 
 
-def run_loop(inputs: dict, out: Path, args, in_memory: list | None) -> float:
-    """Seconds of the training loop (train()'s own clock: setup and the final save excluded)."""
+def run_loop(inputs: dict, out: Path, args, in_memory: list | None) -> tuple[float, int, float]:
+    """(steady seconds, steady steps, first step's seconds) of the training loop (train()'s own clock: setup and
+    the final save excluded)."""
     a = trainer.DistillArguments(teacher=str(inputs["teacher"]), dataset=str(inputs["dataset"]), output_dir=str(out),
                                  student_config="minirbt_h256", matches=["L6_L6_hidden_mse_H256"], temperature=8.0,
                                  max_steps=args.steps, batch_size=args.batch, save_steps=10**6, eval_steps=0,
@@ -74,7 +79,7 @@ def run_loop(inputs: dict, out: Path, args, in_memory: list | None) -> float:
             summary = trainer.train(a)
     finally:
         trainer.step_loader = original
-    return summary["seconds"]
+    return summary["steady_seconds"], summary["steady_steps"], summary["seconds"] - summary["steady_seconds"]
 
 
 def collator_rate(inputs: dict, seq: int = 512, n: int = 256) -> float:
@@ -116,21 +121,26 @@ def main() -> None:
             dataset=str(inputs["dataset"]), output_dir="unused", teacher=str(inputs["teacher"]),
             student_config="minirbt_h256", batch_size=args.batch, max_steps=args.steps), 0, 1)
         in_memory = [prepared[s] for s in range(args.steps)]  # the very batches the loop would make
-        times: dict[str, list[float]] = {"loop": [], "compute_only": []}
+        rates: dict[str, list[float]] = {"loop": [], "compute_only": []}
+        first: dict[str, list[float]] = {"loop": [], "compute_only": []}
         for r in range(args.repeats):  # interleaved: a noisy neighbour slows both sides alike
             sides = [("loop", None), ("compute_only", in_memory)]
             for name, batches in sides if r % 2 == 0 else sides[::-1]:  # alternating which goes first
-                times[name].append(run_loop(inputs, work / f"{name}{r}", args, batches))
-            print(f"repeat {r + 1}: loop {times['loop'][-1]:.2f} s, compute only {times['compute_only'][-1]:.2f} s "
-                  f"({args.steps} steps of {args.batch} x {args.seq} tokens)", flush=True)
+                seconds, steps, first_s = run_loop(inputs, work / f"{name}{r}", args, batches)
+                rates[name].append(steps * args.batch * args.seq / seconds)
+                first[name].append(first_s)
+            print(f"repeat {r + 1}: loop {rates['loop'][-1]:.0f} tokens/s (first step {first['loop'][-1]:.2f} s), "
+                  f"compute only {rates['compute_only'][-1]:.0f} tokens/s (first step "
+                  f"{first['compute_only'][-1]:.2f} s); {args.steps} steps of {args.batch} x {args.seq} tokens",
+                  flush=True)
         rate = collator_rate(inputs)
-    tokens = args.steps * args.batch * args.seq
-    loop, compute = (tokens / statistics.median(times[k]) for k in ("loop", "compute_only"))
+    loop, compute = (statistics.median(rates[k]) for k in ("loop", "compute_only"))
     print(f"collator: {rate:.0f} sequences of 512 tokens per second in one process", flush=True)
+    first_s = {k: round(statistics.median(v), 3) for k, v in first.items()}
     print(json.dumps({"loop_tokens_per_s": round(loop, 1), "compute_only_tokens_per_s": round(compute, 1),
                       "data_overhead": round(compute / loop - 1, 4), "collator_sequences_per_s_512": round(rate, 1),
-                      "workers": args.workers, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-                      "repeats": args.repeats, "cpu_flags": flags["flags"], "cpu": flags["model"]}))
+                      "workers": args.workers, "first_step_s": first_s, "steps": args.steps, "batch": args.batch,
+                      "seq": args.seq, "repeats": args.repeats, "cpu_flags": flags["flags"], "cpu": flags["model"]}))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from minirbt import stages
 from minirbt.checkpoints import SeedCheckpoints, contiguous, finetuning_kept
 from minirbt.cli import TrainingFlags, check_device, check_ranges, enable_tf32, parse_seeds
 from minirbt.distill import DistillConfig, distill_terms, nonfinite_terms
+from minirbt.host_memory import keep_freed_host_memory
 from minirbt.matches import build_projections, check_matches, encoder_layers, resolve_matches
 from minirbt.modeling import check_model_folder, load_config, load_error, resolve_model, write_model_files
 from minirbt.optim import Optimization
@@ -338,6 +339,7 @@ def fit_seed(args: CommonArguments, task: TaskRun, teacher, config: DistillConfi
 def train_epoch(args: CommonArguments, task: TaskRun, model, teacher, config: DistillConfig, projections,
                 optimization: Optimization, seed: int, epoch: int, device, autocast, pad_id: int) -> None:
     rows = task.train_rows
+    keep_freed_host_memory()  # no page faults on a step's own activations (minirbt.host_memory)
     model.train()  # from_pretrained returns a model in eval mode: without this, dropout would depend on whether
     # a dev evaluation ran before the epoch (a resumed epoch would differ from an uninterrupted one)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1000 + epoch))

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
 from minirbt.collator import ChineseWWMCollator
+from minirbt.dropout import ATTENTION
 from minirbt.matches import KD_LOSSES
 from minirbt.pretrain_setup import DistillArguments
 from minirbt.textio import CorpusError
@@ -39,7 +40,7 @@ def encoder_mask(model: BertForMaskedLM, batch: dict) -> torch.Tensor | None:
         return None
     implementation = model.config._attn_implementation
     keep = batch["attention_mask"][:, None, None, :].bool()
-    if implementation == "sdpa":
+    if implementation in ("sdpa", ATTENTION):  # ATTENTION: SDPA with CPU dropout masks (minirbt.dropout)
         return keep
     if implementation == "eager":  # added to the scores
         return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(

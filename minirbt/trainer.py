@@ -42,6 +42,7 @@ from minirbt.collator import ChineseWWMCollator
 from minirbt.data import load_pretraining_dataset
 from minirbt.distill import DistillConfig, distill_terms, mlm_adaptor, nonfinite_values, term_values
 from minirbt.dropout import use_cpu_dropout
+from minirbt.host_memory import keep_freed_host_memory
 from minirbt.matches import build_projections, encoder_layers, student_features
 from minirbt.mlm_eval import check_teacher, evaluate, host_batch, masked_lm_forward, teacher_forward, to_device
 from minirbt.modeling import load_config, load_mlm, write_model_files
@@ -358,6 +359,7 @@ def train_students(students: list[DistillArguments]) -> list[dict]:
     check_one_pass(students)
     first = students[0]
     check_device(first.device)
+    keep_freed_host_memory()  # no page faults on a step's own activations (minirbt.host_memory)
     d, device = setup_distributed(first.device)  # first: a check that fails on one node must stop every node
     plans = plan_runs(students, d)
     summaries: list[dict | None] = [finished_summary(p.args) if p.claim.state == "done" else None for p in plans]
@@ -402,6 +404,7 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
     last_evals = [{} for _ in runs]
     t0 = time.perf_counter()
     step, end = min(r.step for r in runs), first.args.max_steps
+    start, t_first = step, None  # t_first: the end of the first step (worker start-up and pipeline fill)
     batches = iter(step_loader(first.data["train"], first.tokenizer, first.args, d.rank, d.world, step,
                                first.device))
     try:
@@ -419,12 +422,16 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
                 if due(run, run.args.save_steps):
                     checkpoint(run)
             step += 1
+            t_first = t_first or time.perf_counter()
     except KeyboardInterrupt:
         for prog in progress:
             prog.bar.close()
         kept = "; ".join(pretraining_kept(r.out) for r in runs)
         raise KeyboardInterrupt(f"training stopped during step {step + 1}; {kept}") from None
     seconds = time.perf_counter() - t0
+    # the steady rate: every step after the first (whose time holds DataLoader start-up and the first batch)
+    steady = {"steady_steps": step - start - 1, "steady_seconds": time.perf_counter() - t_first} \
+        if t_first is not None and step - start > 1 else {}
     summaries = []
     for run, plan, prog, ev0, ev in zip(runs, plans, progress, start_evals, last_evals):
         prog.bar.close()
@@ -432,7 +439,7 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
         summary = {"steps": run.step, "global_batch": args.batch_size * args.gradient_accumulation_steps * d.world,
                    "world_size": d.world, "matches": plan.matches, "seconds": seconds, "dev_start": ev0,
                    "dev": ev, "history": run.history, "dev_history": run.dev_history, "skipped_steps": run.skipped,
-                   "trained_with": [r.args.output_dir for r in runs if r is not run], "args": asdict(args)}
+                   "trained_with": [r.args.output_dir for r in runs if r is not run], "args": asdict(args)} | steady
         if d.main:
             write_final(run, summary)
         prog.close()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_bert
 
-from minirbt.dropout import CPUDropout, cpu_dropout, use_cpu_dropout
+from minirbt.dropout import ATTENTION, CPUDropout, cpu_dropout, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -30,19 +30,51 @@ def test_follows_the_seed_and_passes_through_in_eval():
     assert cpu_dropout(x, 0.1, training=False) is x and cpu_dropout(x, 0.0) is x
 
 
-def test_swaps_the_models_dropout_layers():
-    model = tiny_bert(layers=2, hidden=32, heads=2, ffn=64)
+def _inputs():
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # padding: the attention kernel takes SDPA's masks
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_swaps_the_models_dropout_layers_and_attention():
+    model = tiny_bert(layers=2, hidden=32, heads=2, ffn=64).eval()
+    with torch.no_grad():
+        stock = model(**_inputs()).logits
     before = sum(type(m) is torch.nn.Dropout for m in model.modules())
     assert use_cpu_dropout(model) == before > 0
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
-    assert isinstance(model.bert.embeddings.dropout, CPUDropout)
+    assert isinstance(model.bert.embeddings.dropout, CPUDropout) and not model.bert.embeddings.dropout.training
     assert model.bert.embeddings.dropout.p == model.config.hidden_dropout_prob
-    ids = torch.randint(5, 100, (2, 12))
-    model.eval()
+    assert model.config._attn_implementation == ATTENTION
     with torch.no_grad():
-        a = model(input_ids=ids).logits
+        assert torch.equal(model(**_inputs()).logits, stock)  # eval: SDPA as before
     model.train()
     torch.manual_seed(0)
-    b = model(input_ids=ids).logits
+    b = model(**_inputs()).logits
     torch.manual_seed(0)
-    assert torch.equal(b, model(input_ids=ids).logits) and not torch.allclose(a, b)
+    assert torch.equal(b, model(**_inputs()).logits) and not torch.allclose(stock, b)
+
+
+def test_attention_math_with_dropout_matches_eager():
+    """The kernel's math path (taken in training on the CPU) against transformers' eager attention: at p = 0 the
+    two give the same outputs and gradients, the only difference with p > 0 being the masks."""
+    torch.manual_seed(0)
+    eager = tiny_bert(layers=2, hidden=32, heads=2, ffn=64)
+    eager.set_attn_implementation("eager")
+    ours = tiny_bert(layers=2, hidden=32, heads=2, ffn=64)
+    use_cpu_dropout(ours)
+    for model in (eager, ours):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    # p = 0 would take SDPA's own path: force the math path with a tiny p on the probabilities only
+    for layer in ours.bert.encoder.layer:
+        layer.attention.self.dropout.p = 1e-9
+    out_e, out_o = eager(**_inputs()).logits, ours(**_inputs()).logits
+    assert torch.allclose(out_e, out_o, atol=1e-5)
+    out_e.square().mean().backward()
+    out_o.square().mean().backward()
+    for (name, p_e), p_o in zip(eager.named_parameters(), ours.parameters()):
+        assert torch.allclose(p_e.grad, p_o.grad, atol=1e-6), name
