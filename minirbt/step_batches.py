@@ -10,6 +10,9 @@ ahead in any process. Dropout follows the same rule (:func:`sub_seed`, in the lo
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import torch
 
@@ -79,6 +82,48 @@ def step_loader(train, tokenizer, args: DistillArguments, rank: int, world: int,
     (pinned for CUDA copies); the training process only waits when the workers fall behind."""
     workers = args.dataloader_workers
     steps = StepBatches(train, tokenizer, args, rank, world)
-    return torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(start, args.max_steps),
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       prefetch_factor=2 if workers else None, persistent_workers=False)
+    if not workers:
+        return torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(start, args.max_steps))
+    # Workers start from a small server process, not forked from the training process: a worker forked from
+    # it would share its pages copy-on-write, and each page the loop then writes (weights, optimizer state,
+    # reused activation memory) would be copied once more, hundreds of MB (bench/train_loop.py: a steady data
+    # overhead of 0.085 with fork, 0.017 so). The server imports this module once, so a worker starts without
+    # importing torch again; it serves every run of the process.
+    ctx = torch.multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    # A worker's parent is that server, so DataLoader's own check (is my parent alive?) would not see the
+    # training process die: each worker also watches a pipe whose only writer is the training process.
+    alive_r, alive_w = ctx.Pipe(duplex=False)
+    loader = _WatchedLoader(steps, batch_size=None, sampler=range(start, args.max_steps), num_workers=workers,
+                            pin_memory=device.type == "cuda", prefetch_factor=2, persistent_workers=False,
+                            multiprocessing_context=ctx, worker_init_fn=ExitWithTrainer(alive_r))
+    loader.trainer_alive = alive_w
+    return loader
+
+
+class _WatchedLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose iterators hold the writing end of the workers' pipe: closed when the iterator goes
+    (or this process dies), which ends the workers."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        batches.trainer_alive = self.trainer_alive
+        return batches
+
+
+class ExitWithTrainer:
+    """``worker_init_fn``: a daemon thread that ends the worker once the training process's end of the pipe is
+    closed (its exit, or a SIGKILL), so no worker outlives the run."""
+
+    def __init__(self, alive_r):
+        self.alive_r = alive_r
+
+    def __call__(self, worker_id: int) -> None:
+        def wait() -> None:
+            try:
+                self.alive_r.recv()  # nothing is ever sent: returns only by EOF
+            except (EOFError, OSError):
+                pass
+            os._exit(0)
+
+        threading.Thread(target=wait, daemon=True, name="exit-with-trainer").start()
