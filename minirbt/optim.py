@@ -42,7 +42,15 @@ class AdamWNoBiasCorrection(torch.optim.AdamW):
         self._host_steps: dict[torch.Tensor, int] | None = None
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        # Checkpoints of the earlier, hand-written update hold integer steps and groups without AdamW's kernel
+        # keys: steps become tensors (as PyTorch keeps them), the kernel choice stays this optimizer's own.
+        state = {k: v | {"step": torch.tensor(float(v["step"]))} if isinstance(v.get("step"), int) else v
+                 for k, v in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for key in ("fused", "foreach"):
+                if key not in saved:
+                    group[key] = self.defaults[key]
         self._host_steps = None  # re-read from the loaded state at the next step
 
     def _steps(self) -> dict[torch.Tensor, int]:

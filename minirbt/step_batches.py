@@ -89,8 +89,11 @@ def step_loader(train, tokenizer, args: DistillArguments, rank: int, world: int,
     # reused activation memory) would be copied once more, hundreds of MB (bench/train_loop.py: a steady data
     # overhead of 0.085 with fork, 0.017 so). The server imports this module once, so a worker starts without
     # importing torch again; it serves every run of the process.
-    ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    if "forkserver" in torch.multiprocessing.get_all_start_methods():
+        ctx = torch.multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:  # Windows: spawn, which shares no pages either
+        ctx = torch.multiprocessing.get_context("spawn")
     # A worker's parent is that server, so DataLoader's own check (is my parent alive?) would not see the
     # training process die: each worker also watches a pipe whose only writer is the training process.
     alive_r, alive_w = ctx.Pipe(duplex=False)

@@ -76,6 +76,27 @@ def test_no_bias_correction_with_skipped_steps_and_resume(fused):
     assert torch.allclose(pb, _reference(b0, gb, 0.05, 0.0, 1e-6), atol=1e-6)
 
 
+def test_loads_a_checkpoint_of_the_earlier_hand_written_update():
+    """Optimizer states saved before the update ran on PyTorch's kernels (integer steps, groups with only lr,
+    betas, eps and weight decay) resume and continue as the formula says."""
+    torch.manual_seed(2)
+    w0 = torch.randn(4, 4)
+    grads = [torch.randn(4, 4) for _ in range(3)]
+    m = (1 - 0.9) * grads[0]
+    v = (1 - 0.999) * grads[0] ** 2
+    p = torch.nn.Parameter(w0 - 0.01 * m / (v.sqrt() + 1e-6))
+    p.data -= 0.01 * 0.1 * p.data  # the state after one step of the old class
+    old = {"state": {0: {"step": 1, "exp_avg": m.clone(), "exp_avg_sq": v.clone()}},
+           "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1, "params": [0]}]}
+    opt = AdamWNoBiasCorrection([{"params": [p], "weight_decay": 0.1}], lr=0.01, eps=1e-6, fused=True)
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["fused"]
+    for g in grads[1:]:
+        p.grad = g.clone()
+        opt.step()
+    assert torch.allclose(p, _reference(w0, grads, 0.01, 0.1, 1e-6), atol=1e-6)
+
+
 def test_groups_keep_projections_biases_and_layernorm_out_of_weight_decay():
     model = tiny_bert(layers=1, hidden=32, heads=2, ffn=64)
     proj = build_projections([{"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse",

@@ -137,6 +137,47 @@ def test_distillation_killed_anywhere_resumes_to_the_same_weights(tmp_path, tiny
         assert torch.equal(a[k], b[k]), k
 
 
+LOADER = r"""
+import sys, time, torch
+from minirbt.data import load_pretraining_dataset
+from minirbt.pretrain_setup import DistillArguments
+from minirbt.step_batches import step_loader
+from minirbt.tokenization import load_tokenizer
+ds, vocab, cfg = sys.argv[1:4]
+args = DistillArguments(dataset=ds, output_dir="unused", tokenizer=vocab, student_config=cfg, batch_size=4,
+                        max_steps=10**6, dataloader_workers=2)
+batches = iter(step_loader(load_pretraining_dataset(ds)["train"], load_tokenizer(vocab), args, 0, 1, 0,
+                           torch.device("cpu")))
+next(batches)
+print(*[w.pid for w in batches._workers], flush=True)
+time.sleep(600)
+"""
+
+
+def test_dataloader_workers_end_with_a_killed_training_process(small_dataset, vocab_dir):
+    """The workers come from a forkserver, not from the training process; a SIGKILL of the training process
+    still ends them (they would otherwise wait forever, holding its output pipes)."""
+    ds, cfg = small_dataset
+    proc = subprocess.Popen([sys.executable, "-c", LOADER, str(ds), str(vocab_dir), str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), f"workers {pids} outlived the training process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_teacher, small_dataset):
     from minirbt.checkpoints import STATE_NAME, checkpoints
 
