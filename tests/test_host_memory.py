@@ -21,12 +21,15 @@ libc.mallinfo2.restype = MallInfo2
 def step():  # a step's worth of activations, 1-24 MB each, made and freed
     xs = [torch.ones(int(n)) for n in (5e6, 2e6, 6e6, 1e6, 3e5, 4e6)]
     ys = [x * 2 for x in xs]
+    mapped_while_alive.append(libc.mallinfo2().hblkhd / 2**20)
     del xs
     return sum(float(y[0]) for y in ys)
+mapped_while_alive = []
 for _ in range(5):
     step()
 info = libc.mallinfo2()
-print(json.dumps({"applied": applied, "free_in_heap_mb": info.fordblks / 2**20, "mapped_mb": info.hblkhd / 2**20}))
+print(json.dumps({"applied": applied, "free_in_heap_mb": info.fordblks / 2**20, "mapped_mb": info.hblkhd / 2**20,
+                  "mapped_while_alive_mb": mapped_while_alive}))
 """
 
 
@@ -40,8 +43,11 @@ def _run(**env) -> dict:
 def test_freed_step_memory_stays_in_the_process_and_the_user_can_opt_out():
     kept, stock = _run(), _run(MINIRBT_KEEP_HOST_MEMORY="0")
     assert kept["applied"] and not stock["applied"]
-    # a step frees ~150 MB: kept, it waits in the heap for the next step (no fresh pages to fault in); stock glibc
-    # trims it back to the kernel, and the next step faults it in again (~700,000 page faults for 20 steps here)
-    assert kept["free_in_heap_mb"] > 100 and stock["free_in_heap_mb"] < 20, (kept, stock)
-    assert kept["mapped_mb"] < 10  # blocks of up to 24 MB come from the heap, not from mmap
+    # Stock glibc serves the first step's blocks (1-24 MB, above its 128 KiB starting threshold) by mmap and unmaps
+    # them when freed: the next step faults fresh pages in. Kept, they come from the heap and wait there.
+    assert stock["mapped_while_alive_mb"][0] > 100 and stock["mapped_mb"] < 10, stock
+    assert max(kept["mapped_while_alive_mb"]) < 10, kept
+    # ... and the heap is not trimmed: the freed step stays for the next one. (Whether stock glibc trims it
+    # depends on what else lands above it in the heap: 0.3-172 MB stayed in repeated runs here, so no bound.)
+    assert kept["free_in_heap_mb"] > 100, kept
     assert not _run(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")["applied"]  # the user's tunables win

@@ -51,9 +51,12 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 
 def assert_same(a: dict, b: dict) -> None:
+    # Alone, B's teacher runs SDPA; beside A (attention maps), eager attention: the same function, rounded
+    # otherwise. After 8 Adam steps that moves B's weights by up to ~2e-6 (AMD EPYC; 0 for A, whose teacher runs
+    # eager both ways), against ~1e-3 (Adam: about lr per step) for a step at another lr or on another batch.
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 @pytest.fixture(scope="module")
