@@ -10,6 +10,7 @@ ahead in any process. Dropout follows the same rule (:func:`sub_seed`, in the lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -97,9 +98,14 @@ def step_loader(train, tokenizer, args: DistillArguments, rank: int, world: int,
     # A worker's parent is that server, so DataLoader's own check (is my parent alive?) would not see the
     # training process die: each worker also watches a pipe whose only writer is the training process.
     alive_r, alive_w = ctx.Pipe(duplex=False)
+    # Training on the CPU, workers and compute threads share the cores: below the training process in the
+    # scheduler, a worker runs while a core waits, not in the middle of a step's parallel region (whose threads
+    # all wait for the one the kernel put aside). On CUDA the workers keep their priority: there the training
+    # process mostly waits for the GPU, and niced workers on busy cores could fall behind it.
+    niceness = 10 if device.type == "cpu" else 0
     loader = _WatchedLoader(steps, batch_size=None, sampler=range(start, args.max_steps), num_workers=workers,
                             pin_memory=device.type == "cuda", prefetch_factor=2, persistent_workers=False,
-                            multiprocessing_context=ctx, worker_init_fn=ExitWithTrainer(alive_r))
+                            multiprocessing_context=ctx, worker_init_fn=ExitWithTrainer(alive_r, niceness))
     loader.trainer_alive = alive_w
     return loader
 
@@ -116,12 +122,17 @@ class _WatchedLoader(torch.utils.data.DataLoader):
 
 class ExitWithTrainer:
     """``worker_init_fn``: a daemon thread that ends the worker once the training process's end of the pipe is
-    closed (its exit, or a SIGKILL), so no worker outlives the run."""
+    closed (its exit, or a SIGKILL), so no worker outlives the run; ``niceness``: added to the worker's."""
 
-    def __init__(self, alive_r):
+    def __init__(self, alive_r, niceness: int = 0):
         self.alive_r = alive_r
+        self.niceness = niceness
 
     def __call__(self, worker_id: int) -> None:
+        if self.niceness:
+            with contextlib.suppress(OSError):
+                os.nice(self.niceness)
+
         def wait() -> None:
             try:
                 self.alive_r.recv()  # nothing is ever sent: returns only by EOF
