@@ -11,8 +11,11 @@ ahead in any process. Dropout follows the same rule (:func:`sub_seed`, in the lo
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
+import sys
 import threading
+import traceback
 
 import numpy as np
 import torch
@@ -120,6 +123,22 @@ class _WatchedLoader(torch.utils.data.DataLoader):
         return batches
 
 
+def _quiet_broken_handoff(report):
+    """A worker's ``sys.excepthook`` that stays silent about one error: a batch's shared-memory handle whose
+    hand-off the training process broke off by ending (Ctrl-C while it unpickled a batch). multiprocessing's
+    resource-sharer thread reports it through ``sys.excepthook``, on the stderr the worker shares with the
+    training process, after that process's own last line ("interrupted: ..."); the worker ends right after."""
+
+    def hook(kind, value, tb) -> None:
+        if issubclass(kind, (EOFError, OSError, multiprocessing.AuthenticationError)) and any(
+                frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py"))
+                for frame, _ in traceback.walk_tb(tb)):
+            return
+        report(kind, value, tb)
+
+    return hook
+
+
 class ExitWithTrainer:
     """``worker_init_fn``: a daemon thread that ends the worker once the training process's end of the pipe is
     closed (its exit, or a SIGKILL), so no worker outlives the run; ``niceness``: added to the worker's."""
@@ -129,6 +148,7 @@ class ExitWithTrainer:
         self.niceness = niceness
 
     def __call__(self, worker_id: int) -> None:
+        sys.excepthook = _quiet_broken_handoff(sys.excepthook)
         if self.niceness:
             with contextlib.suppress(OSError):
                 os.nice(self.niceness)

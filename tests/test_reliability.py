@@ -464,3 +464,25 @@ def test_gpu_smoke_script_passes_on_cpu(tmp_path):
     passed = [line for line in proc.stdout.splitlines() if line.startswith("PASS")]
     assert len(passed) == 3 and "3/3 checks passed" in proc.stdout, proc.stdout
     assert all("max |weight difference| 0 " in line for line in passed[::2])  # exact on CPU: resume, fine-tuning
+
+
+def test_a_worker_is_silent_only_about_a_batch_handoff_the_training_process_broke_off():
+    """Ctrl-C while the training process unpickles a batch breaks the hand-off of its shared memory; the worker's
+    resource-sharer thread would print that traceback after the trainer's "interrupted: ..." line."""
+    from minirbt.step_batches import _quiet_broken_handoff
+
+    reported = []
+    hook = _quiet_broken_handoff(lambda kind, value, tb: reported.append(kind))
+    namespace: dict = {}
+    exec(compile("def serve():\n    raise BrokenPipeError(32, 'Broken pipe')\n",
+                 os.path.join("lib", "multiprocessing", "resource_sharer.py"), "exec"), namespace)
+
+    def elsewhere():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    for fn in (namespace["serve"], elsewhere, lambda: 1 / 0):
+        try:
+            fn()
+        except BaseException:
+            hook(*sys.exc_info())
+    assert reported == [BrokenPipeError, ZeroDivisionError]
