@@ -240,6 +240,39 @@ def test_attention_ce_is_right_for_probabilities():
     assert att_prob_ce_loss(q, p) > att_prob_ce_loss(p, p)
 
 
+@pytest.mark.parametrize("shape, temperature", [((7, 11), 8.0), ((2, 5, 13), 2.0), ((150, 21128), 8.0),
+                                                ((4, 3), 1.0)])
+def test_soft_cross_entropy_equals_textbrewers_value_and_gradient(shape, temperature):
+    from textbrewer.losses import kd_ce_loss
+
+    from minirbt.matches import KD_LOSSES
+
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    s = (4 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    t = 4 * torch.randn(shape, generator=g, dtype=torch.float64)
+    ours, theirs = KD_LOSSES["ce"](s, t, temperature), kd_ce_loss(s, t, temperature)
+    (grad_ours,), (grad_theirs,) = torch.autograd.grad(3 * ours, s), torch.autograd.grad(3 * theirs, s)
+    assert torch.allclose(ours, theirs, rtol=1e-12) and ours.requires_grad
+    assert torch.allclose(grad_ours, grad_theirs, rtol=1e-9, atol=1e-15)
+    # a student equal to the teacher is the minimum: zero gradient, the loss is the teacher's entropy
+    same = t.clone().requires_grad_()
+    (grad_same,) = torch.autograd.grad(KD_LOSSES["ce"](same, t, temperature), same)
+    assert grad_same.abs().max() < 1e-15
+
+
+def test_soft_cross_entropy_hands_textbrewers_cases_to_textbrewer():
+    """Per-row temperatures and a teacher that itself needs a gradient take TextBrewer's own function."""
+    from textbrewer.losses import kd_ce_loss
+
+    from minirbt.matches import KD_LOSSES
+
+    s, t = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    rows = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    assert torch.allclose(KD_LOSSES["ce"](s, t.detach(), rows), kd_ce_loss(s, t.detach(), rows))
+    KD_LOSSES["ce"](s, t, 2.0).backward()
+    assert t.grad is not None and s.grad is not None
+
+
 @pytest.mark.parametrize("case", ["vocab", "layer", "proj", "columns", "checkpoint", "both_students", "heads"])
 def test_clear_errors(case, tiny_teacher, dataset, student_config, tmp_path, vocab_dir):
     kw = {}

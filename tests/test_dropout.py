@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_bert
 
-from minirbt.dropout import ATTENTION, CPUDropout, cpu_dropout, use_cpu_dropout
+from minirbt.dropout import ATTENTION, CPUDropout, cpu_dropout, dropout_mask, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -19,6 +19,22 @@ def test_drop_rate_scale_and_gradient(p):
     assert torch.allclose(y[kept], x[kept] / (1 - p))
     y.backward(torch.ones_like(y))
     assert torch.equal(x.grad, kept.float() / (1 - p))  # gradient flows through the kept elements only
+
+
+def test_mask_halves_are_independent_draws_at_the_rounded_rate():
+    """Two elements share one 31-bit draw: each must still drop at round(p * 2**15) / 2**15, independently of
+    its neighbour (both halves of a pair, and an odd length's last element)."""
+    torch.manual_seed(1)
+    n = 1_000_001
+    for p in (0.1, 0.5):
+        dropped = dropout_mask(torch.Size([n]), p)
+        assert dropped.shape == (n,) and dropped.dtype == torch.bool
+        rate = round(p * 2**15) / 2**15
+        sd = (rate * (1 - rate) / (n // 2)) ** 0.5
+        even, odd = dropped[0:-1:2].double(), dropped[1::2].double()
+        assert abs(even.mean() - rate) < 5 * sd and abs(odd.mean() - rate) < 5 * sd
+        assert abs((even * odd).mean() - rate**2) < 5 * sd  # P(both) = P(one)^2: independent halves
+    assert not dropout_mask(torch.Size([3, 5]), 1e-6).any()  # below 2**-16: rounds to never
 
 
 def test_follows_the_seed_and_passes_through_in_eval():
