@@ -24,7 +24,9 @@ A match is a dict, exactly as in TextBrewer's ``intermediate_matches``::
   layer's own ``query`` projection of its input (``hidden_states[i - 1]``), so the
   models run as usual and nothing is hooked.
 
-Everything else is TextBrewer's own loss functions (``textbrewer.losses``).
+Everything else is TextBrewer's own loss functions (``textbrewer.losses``); its two that
+run at every step, ``hid_mse_loss`` and ``kd_ce_loss``, with their gradients written out
+(``minirbt.losses``, equal in value and gradient).
 Presets: MiniRBT's hidden-state recipes and TextBrewer's example presets, by name.
 """
 
@@ -41,14 +43,13 @@ from textbrewer.losses import (
     att_mse_sum_loss,
     cos_loss,
     fsp_loss,
-    hid_mse_loss,
-    kd_ce_loss,
     kd_mse_loss,
     mmd_loss,
     pkd_loss,
 )
 from torch import nn
 
+from minirbt.losses import hidden_mse, soft_cross_entropy
 from minirbt.textio import CorpusError
 
 _EPS = 1e-12
@@ -120,7 +121,7 @@ MATCH_LOSSES = {
     "attention_mse_sum": att_mse_sum_loss,
     "attention_ce": att_prob_ce_loss,
     "attention_ce_mean": att_prob_ce_mean_loss,
-    "hidden_mse": hid_mse_loss,
+    "hidden_mse": hidden_mse,
     "cos": cos_loss,
     "pkd": pkd_loss,
     "gram": fsp_loss,
@@ -130,36 +131,6 @@ MATCH_LOSSES = {
     "relation_kl": relation_kl_loss,
 }
 PAIR_LOSSES = {"gram", "fsp", "mmd", "nst"}
-class _SoftCrossEntropy(torch.autograd.Function):
-    """TextBrewer's ``kd_ce_loss`` for a float temperature and a frozen teacher, with the gradient written out:
-    d/ds of -mean(softmax(t/T) . log_softmax(s/T)) is (softmax(s/T) - softmax(t/T)) / (T x rows). Autograd's
-    chain (divide, log-softmax, multiply, sum, and each one's backward) made ~9 passes over the (masked
-    positions x 21,128) logits; this makes 5, and the loss is one dot product."""
-
-    @staticmethod
-    def forward(ctx, logits_S: torch.Tensor, logits_T: torch.Tensor, temperature: float) -> torch.Tensor:
-        log_q = torch.log_softmax(logits_S / temperature, dim=-1)
-        p_T = torch.softmax(logits_T.to(log_q.dtype) / temperature, dim=-1)
-        rows = log_q.numel() // max(log_q.shape[-1], 1)
-        ctx.save_for_backward(log_q, p_T)
-        ctx.scale = 1.0 / (temperature * rows)
-        return -torch.dot(p_T.flatten(), log_q.flatten()) / rows
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        log_q, p_T = ctx.saved_tensors
-        grad_S = torch.exp(log_q).sub_(p_T).mul_(grad * ctx.scale)
-        return grad_S, None, None
-
-
-def soft_cross_entropy(logits_S: torch.Tensor, logits_T: torch.Tensor, temperature=1) -> torch.Tensor:
-    """``textbrewer.losses.kd_ce_loss`` (same value and student gradient; the tests check both). A tensor
-    temperature, a teacher that needs a gradient or an empty batch goes to TextBrewer's own function."""
-    if (isinstance(temperature, torch.Tensor) or logits_T.requires_grad or logits_S.numel() == 0
-            or logits_S.shape != logits_T.shape):
-        return kd_ce_loss(logits_S, logits_T, temperature)
-    return _SoftCrossEntropy.apply(logits_S, logits_T.detach(), float(temperature))
-
 
 KD_LOSSES = {"ce": soft_cross_entropy, "mse": kd_mse_loss}
 PROJECTIONS = {"linear": None, "relu": nn.ReLU, "tanh": nn.Tanh}

@@ -273,6 +273,62 @@ def test_soft_cross_entropy_hands_textbrewers_cases_to_textbrewer():
     assert t.grad is not None and s.grad is not None
 
 
+@pytest.mark.parametrize("shape, padded", [((3, 7, 5), False), ((3, 7, 5), True), ((2, 128, 768), True),
+                                           ((4, 6), True)])
+def test_hidden_mse_equals_textbrewers_value_and_gradient(shape, padded):
+    from textbrewer.losses import hid_mse_loss
+
+    from minirbt.matches import MATCH_LOSSES
+
+    g = torch.Generator().manual_seed(shape[-1] + padded)
+    s = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    mask = None
+    if padded:  # rows of different lengths, each with padding, as a padded batch's attention mask
+        mask = (torch.arange(shape[-2]) < torch.randint(1, shape[-2], shape[:-2] + (1,), generator=g)).long()
+    ours, theirs = MATCH_LOSSES["hidden_mse"](s, t, mask=mask), hid_mse_loss(s, t, mask)
+    (grad_ours,), (grad_theirs,) = torch.autograd.grad(3 * ours, s), torch.autograd.grad(3 * theirs, s)
+    assert ours.dtype == torch.float64 and torch.allclose(ours, theirs, rtol=1e-12)
+    assert torch.allclose(grad_ours, grad_theirs, rtol=1e-9, atol=1e-15)
+    if padded:  # padding gets no gradient
+        assert (mask == 0).any() and grad_ours[mask == 0].abs().max() == 0
+
+
+def test_hidden_mse_of_a_bf16_student_is_fp32_with_an_exact_token_count():
+    """Under autocast the projected student feature is bf16: the loss is fp32 and its gradient comes back in
+    bf16; the token count stays exact (TextBrewer's is the bf16 rounding of 1,023, i.e. 1,024)."""
+    from textbrewer.losses import hid_mse_loss
+
+    from minirbt.matches import MATCH_LOSSES
+
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(1, 1024, 8, generator=g).bfloat16().requires_grad_()
+    t = torch.randn(1, 1024, 8, generator=g)
+    mask = torch.ones(1, 1024, dtype=torch.long)
+    mask[0, -1] = 0
+    ours = MATCH_LOSSES["hidden_mse"](s, t, mask=mask)
+    exact = hid_mse_loss(s.detach().double(), t.double(), mask)  # float64: the count is exact there
+    assert ours.dtype == torch.float32 and torch.allclose(ours.double(), exact, rtol=1e-6)
+    ours.backward()
+    assert s.grad.dtype == torch.bfloat16 and s.grad[0, -1].abs().max() == 0
+    theirs_bf16 = hid_mse_loss(s.detach(), t, mask)
+    assert not torch.allclose(theirs_bf16.double(), exact, rtol=1e-4)  # 1,023 x 8 counted as 1,024 x 8
+
+
+def test_hidden_mse_hands_textbrewers_cases_to_textbrewer():
+    """A teacher that needs a gradient, or shapes that broadcast, take TextBrewer's own function."""
+    from textbrewer.losses import hid_mse_loss
+
+    from minirbt.matches import MATCH_LOSSES
+
+    s, t = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
+    MATCH_LOSSES["hidden_mse"](s, t, mask=torch.ones(2, 3)).backward()
+    assert t.grad is not None and s.grad is not None
+    row = torch.randn(1, 3, 4)
+    with pytest.warns(UserWarning, match="different to the input size"):  # TextBrewer's (F.mse_loss's) warning
+        assert torch.equal(MATCH_LOSSES["hidden_mse"](s, row), hid_mse_loss(s, row))
+
+
 @pytest.mark.parametrize("case", ["vocab", "layer", "proj", "columns", "checkpoint", "both_students", "heads"])
 def test_clear_errors(case, tiny_teacher, dataset, student_config, tmp_path, vocab_dir):
     kw = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_bert
 
-from minirbt.dropout import ATTENTION, CPUDropout, cpu_dropout, dropout_mask, use_cpu_dropout
+from minirbt.dropout import ATTENTION, CPUDropout, cpu_dropout, keep_mask, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -27,14 +27,29 @@ def test_mask_halves_are_independent_draws_at_the_rounded_rate():
     torch.manual_seed(1)
     n = 1_000_001
     for p in (0.1, 0.5):
-        dropped = dropout_mask(torch.Size([n]), p)
-        assert dropped.shape == (n,) and dropped.dtype == torch.bool
+        keep = keep_mask(torch.Size([n]), p)
+        assert keep.shape == (n,) and keep.dtype == torch.float32
+        dropped = 1 - keep.double()
         rate = round(p * 2**15) / 2**15
         sd = (rate * (1 - rate) / (n // 2)) ** 0.5
-        even, odd = dropped[0:-1:2].double(), dropped[1::2].double()
+        even, odd = dropped[0:-1:2], dropped[1::2]
         assert abs(even.mean() - rate) < 5 * sd and abs(odd.mean() - rate) < 5 * sd
         assert abs((even * odd).mean() - rate**2) < 5 * sd  # P(both) = P(one)^2: independent halves
-    assert not dropout_mask(torch.Size([3, 5]), 1e-6).any()  # below 2**-16: rounds to never
+    assert keep_mask(torch.Size([3, 5]), 1e-6).eq(1).all()  # below 2**-16: rounds to never
+
+
+@pytest.mark.parametrize("p", [1e-6, 2**-15, 0.1, 0.5, 1 - 2**-15, 1 - 1e-6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_is_the_draw_below_threshold_rule(p, dtype):
+    """The 0/1 values (int16 arithmetic, no comparison) are exactly "keep when the 15-bit draw >= threshold",
+    for the same draws, at the edges of the threshold's range too."""
+    torch.manual_seed(7)
+    keep = keep_mask(torch.Size([33, 31]), p, dtype)  # odd count: the last draw's second half unused
+    torch.manual_seed(7)
+    draws = torch.empty((33 * 31 + 1) // 2, dtype=torch.int32).random_()
+    halves = draws.view(torch.int16)[: 33 * 31].int() & (2**15 - 1)
+    expected = (halves >= round(p * 2**15)).to(dtype).view(33, 31)
+    assert keep.dtype == dtype and torch.equal(keep, expected)
 
 
 def test_follows_the_seed_and_passes_through_in_eval():
