@@ -58,7 +58,7 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.float32) -
     one int32 draw per *two* elements, its halves' low 15 bits uniform and independent, halves its cost. The
     0/1 values come from int16 arithmetic (a comparison would give bool, slow to convert)."""
     n, threshold = math.prod(shape), int(round(p * _LEVELS))
-    draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_()  # first: the generator advances alike for any p
     if threshold >= _LEVELS:  # p within 2**-16 of 1: every draw is below it (and it does not fit in int16)
         return torch.zeros(shape, dtype=dtype)
     halves = draws.view(torch.int16)[:n].bitwise_and_(_LEVELS - 1)

@@ -13,6 +13,11 @@ import torch
 from textbrewer.losses import hid_mse_loss, kd_ce_loss
 
 
+def _written_for(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """The case both written-out losses cover: a frozen teacher of the student's shape, and something in it."""
+    return not teacher.requires_grad and student.shape == teacher.shape and student.numel() > 0
+
+
 class _SoftCrossEntropy(torch.autograd.Function):
     """TextBrewer's ``kd_ce_loss`` for a float temperature and a frozen teacher, with the gradient written out:
     d/ds of -mean(softmax(t/T) . log_softmax(s/T)) is (softmax(s/T) - softmax(t/T)) / (T x rows). Autograd's
@@ -38,8 +43,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
 def soft_cross_entropy(logits_S: torch.Tensor, logits_T: torch.Tensor, temperature=1) -> torch.Tensor:
     """``textbrewer.losses.kd_ce_loss`` (same value and student gradient; the tests check both). A tensor
     temperature, a teacher that needs a gradient or an empty batch goes to TextBrewer's own function."""
-    if (isinstance(temperature, torch.Tensor) or logits_T.requires_grad or logits_S.numel() == 0
-            or logits_S.shape != logits_T.shape):
+    if isinstance(temperature, torch.Tensor) or not _written_for(logits_S, logits_T):
         return kd_ce_loss(logits_S, logits_T, temperature)
     return _SoftCrossEntropy.apply(logits_S, logits_T.detach(), float(temperature))
 
@@ -69,8 +73,7 @@ def hidden_mse(state_S: torch.Tensor, state_T: torch.Tensor, mask: torch.Tensor 
     one), fp32. One difference: TextBrewer counts the kept tokens in the student's dtype, which under bf16
     autocast rounds counts above 256 (1,023 tokens count as 1,024); here the count is exact. A teacher that
     needs a gradient, broadcasting shapes or a mask not of shape (..., length) go to TextBrewer's function."""
-    if (state_T.requires_grad or state_S.shape != state_T.shape or state_S.numel() == 0
-            or (mask is not None and tuple(mask.shape) != tuple(state_S.shape[:-1]))):
+    if not _written_for(state_S, state_T) or (mask is not None and tuple(mask.shape) != tuple(state_S.shape[:-1])):
         return hid_mse_loss(state_S, state_T, mask)
     if mask is None:
         return _HiddenMSE.apply(state_S, state_T.detach(), None, float(state_S.numel()))
