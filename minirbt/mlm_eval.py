@@ -7,6 +7,7 @@ projection dominates otherwise), in training and in evaluation alike.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from minirbt.dropout import ATTENTION
 from minirbt.matches import KD_LOSSES
 from minirbt.pretrain_setup import DistillArguments
 from minirbt.textio import CorpusError
+
+if TYPE_CHECKING:
+    from minirbt.trainer import Run
 
 
 def host_batch(collator: ChineseWWMCollator, examples: list[dict]) -> dict:
@@ -77,46 +81,72 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM | None, dev, collator_seed: int, tokenizer,
-             args: DistillArguments, device: torch.device, autocast) -> dict:
-    """Masked-token accuracy and perplexity of student (and teacher, and the KD loss) on fixed dev masks."""
-    collator = ChineseWWMCollator(tokenizer, args.mlm_probability, seed=collator_seed)
-    student.eval()
-    totals = {"n": 0, "student_nll": 0.0, "teacher_nll": 0.0, "student_correct": 0, "teacher_correct": 0,
-              "kd": 0.0, "agree": 0}
-    n_batches = min(args.eval_batches, math.ceil(len(dev) / args.batch_size))
+def evaluate_students(students: list[tuple[BertForMaskedLM, DistillArguments]], teacher: BertForMaskedLM | None,
+                      dev, collator_seed: int, tokenizer, device: torch.device, autocast) -> list[dict]:
+    """:func:`evaluate` of several students (each with its own args: KD loss, temperature) on the same dev masks,
+    with one teacher forward per dev batch for all of them: the teacher is 10x a student's FLOPs, so evaluating
+    students one by one would pay it once each."""
+    first = students[0][1]
+    for _, args in students[1:]:  # the masks and batches come from these: they must be the same for everyone
+        for name in ("mlm_probability", "batch_size", "eval_batches"):
+            if getattr(args, name) != getattr(first, name):
+                raise ValueError(f"students evaluated together share {name}: {getattr(first, name)!r} != "
+                                 f"{getattr(args, name)!r}")
+    collator = ChineseWWMCollator(tokenizer, first.mlm_probability, seed=collator_seed)
+    modes = [model.training for model, _ in students]
+    for model, _ in students:
+        model.eval()
+    keys = ("n", "student_nll", "student_correct", "kd", "agree")
+    totals = [dict.fromkeys(keys, 0.0) for _ in students]
+    teacher_totals = {"nll": 0.0, "correct": 0}
+    n_batches = min(first.eval_batches, math.ceil(len(dev) / first.batch_size))
     for b in range(n_batches):
-        rows = dev[b * args.batch_size : (b + 1) * args.batch_size]
+        rows = dev[b * first.batch_size : (b + 1) * first.batch_size]
         batch = to_device(host_batch(collator, [dict(zip(rows, v)) for v in zip(*rows.values())]), device)
         labels = batch["masked_labels"]
         with autocast:
-            ls, _, _ = masked_lm_forward(student, batch, False, False)
             lt, _, _ = teacher_forward(teacher, batch, False, False)
-        ls = ls.float()
-        totals["n"] += labels.numel()
-        totals["student_nll"] += F.cross_entropy(ls, labels, reduction="sum").item()
-        totals["student_correct"] += (ls.argmax(-1) == labels).sum().item()
         if lt is not None:
             lt = lt.float()
-            totals["teacher_nll"] += F.cross_entropy(lt, labels, reduction="sum").item()
-            totals["teacher_correct"] += (lt.argmax(-1) == labels).sum().item()
-            totals["agree"] += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
-            totals["kd"] += KD_LOSSES[args.kd_loss](ls, lt, args.temperature).item() * labels.numel()
-    student.train()
-    n = max(totals["n"], 1)
-    result = {
-        "student_mlm_accuracy": totals["student_correct"] / n,
-        "student_mlm_loss": totals["student_nll"] / n,
-        "student_perplexity": math.exp(min(totals["student_nll"] / n, 50)),
-    }
-    if teacher is not None:
-        result |= {
-            "teacher_mlm_accuracy": totals["teacher_correct"] / n,
-            "teacher_perplexity": math.exp(min(totals["teacher_nll"] / n, 50)),
-            "top1_agreement": totals["agree"] / n,
-            "kd_loss": totals["kd"] / n,
-        }
-    return result | {"tokens": totals["n"]}
+            teacher_totals["nll"] += F.cross_entropy(lt, labels, reduction="sum").item()
+            teacher_totals["correct"] += (lt.argmax(-1) == labels).sum().item()
+        for (model, args), t in zip(students, totals):
+            with autocast:
+                ls = masked_lm_forward(model, batch, False, False)[0].float()
+            t["n"] += labels.numel()
+            t["student_nll"] += F.cross_entropy(ls, labels, reduction="sum").item()
+            t["student_correct"] += (ls.argmax(-1) == labels).sum().item()
+            if lt is not None:
+                t["agree"] += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
+                t["kd"] += KD_LOSSES[args.kd_loss](ls, lt, args.temperature).item() * labels.numel()
+    for (model, _), mode in zip(students, modes):
+        model.train(mode)
+    results = []
+    for t in totals:
+        n = max(t["n"], 1)
+        result = {"student_mlm_accuracy": t["student_correct"] / n, "student_mlm_loss": t["student_nll"] / n,
+                  "student_perplexity": math.exp(min(t["student_nll"] / n, 50))}
+        if teacher is not None:
+            result |= {"teacher_mlm_accuracy": teacher_totals["correct"] / n,
+                       "teacher_perplexity": math.exp(min(teacher_totals["nll"] / n, 50)),
+                       "top1_agreement": t["agree"] / n, "kd_loss": t["kd"] / n}
+        results.append(result | {"tokens": int(t["n"])})
+    return results
+
+
+def evaluate_runs(runs: list[Run]) -> list[dict]:
+    """The dev scores of the students of one pass (``minirbt.trainer.Run``), one teacher pass for them all."""
+    if not runs:
+        return []
+    first = runs[0]
+    return evaluate_students([(r.student.model, r.args) for r in runs], first.teacher, first.dev_set,
+                             first.args.seed + 1, first.tokenizer, first.device, first.autocast)
+
+
+def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM | None, dev, collator_seed: int, tokenizer,
+             args: DistillArguments, device: torch.device, autocast) -> dict:
+    """Masked-token accuracy and perplexity of student (and teacher, and the KD loss) on fixed dev masks."""
+    return evaluate_students([(student, args)], teacher, dev, collator_seed, tokenizer, device, autocast)[0]
 
 
 def check_teacher(teacher: BertForMaskedLM, student: BertForMaskedLM, data, tokenizer, args: DistillArguments,

@@ -44,7 +44,7 @@ from minirbt.distill import DistillConfig, distill_terms, mlm_adaptor, nonfinite
 from minirbt.dropout import use_cpu_dropout
 from minirbt.host_memory import keep_freed_host_memory
 from minirbt.matches import build_projections, encoder_layers, student_features
-from minirbt.mlm_eval import check_teacher, evaluate, host_batch, masked_lm_forward, teacher_forward, to_device
+from minirbt.mlm_eval import check_teacher, evaluate_runs, host_batch, masked_lm_forward, teacher_forward, to_device
 from minirbt.modeling import load_config, load_mlm, write_model_files
 from minirbt.optim import Optimization
 from minirbt.pretrain_setup import (
@@ -147,9 +147,6 @@ class Run:
     def logs(self) -> dict:
         return {"history": self.history, "dev_history": self.dev_history, "skipped": self.skipped}
 
-    def evaluate(self) -> dict:
-        return evaluate(self.student.model, self.teacher, self.dev_set, self.args.seed + 1, self.tokenizer,
-                        self.args, self.device, self.autocast)
 
 
 def load_teacher(args: DistillArguments, attn: str | None, device: torch.device) -> BertForMaskedLM:
@@ -393,9 +390,12 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
     for plan in plans:
         take_run(plan.claim, plan.request, d)
     start_evals: list[dict] = [{} for _ in runs]
-    for i, run in enumerate(runs):
-        if run.dev_set is not None and d.main and run.step == 0:
-            start_evals[i] = (checked if i == checked_by else {}) or run.evaluate()
+    fresh = [i for i, r in enumerate(runs) if r.dev_set is not None and d.main and r.step == 0]
+    if checked_by in fresh:  # the check ran on the dev split: its scores are that student's step-0 evaluation
+        start_evals[checked_by] = checked
+    rest = [i for i in fresh if i != checked_by]
+    for i, ev in zip(rest, evaluate_runs([runs[i] for i in rest])):
+        start_evals[i] = ev
     progress = [Progress(run, name=Path(run.args.output_dir).name if len(runs) > 1 else "distill") for run in runs]
     for run, prog, ev in zip(runs, progress, start_evals):
         if ev:
@@ -412,15 +412,18 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
             active = [i for i, r in enumerate(runs) if r.step == step]
             host = next(batches)
             for i, (names, total) in zip(active, forward_backward([runs[i] for i in active], host)):
-                run = runs[i]
-                terms, grad_norm, skipped = update(run, names, total)
-                run.step += 1
+                terms, grad_norm, skipped = update(runs[i], names, total)
+                runs[i].step += 1
                 progress[i].step(terms, grad_norm, skipped)
-                if run.dev_set is not None and due(run, run.args.eval_steps) and d.main:
-                    last_evals[i] = run.evaluate()
-                    progress[i].dev(last_evals[i])
-                if due(run, run.args.save_steps):
-                    checkpoint(run)
+            # the students due share one teacher pass over the dev set; their scores go into their checkpoints
+            scored = [i for i in active if runs[i].dev_set is not None and due(runs[i], runs[i].args.eval_steps)
+                      and d.main]
+            for i, ev in zip(scored, evaluate_runs([runs[i] for i in scored])):
+                last_evals[i] = ev
+                progress[i].dev(ev)
+            for i in active:
+                if due(runs[i], runs[i].args.save_steps):
+                    checkpoint(runs[i])
             step += 1
             t_first = t_first or time.perf_counter()
     except KeyboardInterrupt:

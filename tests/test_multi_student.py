@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
 from conftest import pretraining_dataset, run_script, tiny_bert
 from safetensors.torch import load_file
+from transformers import BertConfig, BertForMaskedLM
 
+import minirbt.mlm_eval
+from minirbt.data import load_pretraining_dataset
+from minirbt.mlm_eval import evaluate, evaluate_students
+from minirbt.modeling import load_mlm
 from minirbt.pretrain_setup import read_students
 from minirbt.textio import CorpusError
+from minirbt.tokenization import load_tokenizer
 from minirbt.trainer import DistillArguments, train, train_students
 
 # Student A (32 wide) reads the teacher's hidden states and attention maps (the teacher then runs with eager
@@ -26,7 +34,7 @@ B_MATCHES = [{"layer_T": 4, "layer_S": 2, "feature": "relation", "loss": "relati
 def setup(tmp_path_factory, vocab_dir, real_lines):
     root = tmp_path_factory.mktemp("multi")
     lines = [x for x in real_lines if x.strip()]
-    ds = pretraining_dataset(lines[:600], vocab_dir, root / "data")
+    ds = pretraining_dataset(lines[:600], vocab_dir, root / "data", dev_lines=lines[600:720])
     configs = {}
     for name, hidden, heads in (("A", 32, 2), ("B", 48, 3)):
         configs[name] = root / f"{name}.json"
@@ -92,6 +100,51 @@ def test_a_student_behind_the_other_catches_up_alone_and_ends_the_same(tiny_teac
     assert [h["step"] for h in summaries[0]["history"]] == list(range(1, 9))  # A's curve restored, not redone
     for name in ("A", "B"):
         assert_same(weights(tmp_path / name), singles[name])
+
+
+def test_students_evaluated_together_score_as_alone_for_one_teacher_pass(tiny_teacher, setup, vocab_dir, tmp_path):
+    ds, configs = setup
+    dev = load_pretraining_dataset(ds)["validation"]
+    teacher = load_mlm(tiny_teacher).eval()
+    calls = []
+    teacher.bert.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(0)
+    models = [BertForMaskedLM(BertConfig.from_json_file(configs[name])).train() for name in ("A", "B")]
+    a, b = students_for(tiny_teacher, setup, tmp_path, eval_batches=3)
+    b = dataclasses.replace(b, temperature=4.0, kd_loss="mse")  # its own KD loss: B's scores use it
+    tokenizer = load_tokenizer(vocab_dir)
+    alone = [evaluate(m, teacher, dev, 7, tokenizer, args, torch.device("cpu"), nullcontext())
+             for m, args in zip(models, (a, b))]
+    n_batches = len(calls) // 2
+    assert n_batches == min(3, -(-len(dev) // 8)) and n_batches >= 2  # the dev split is long enough to test it
+    calls.clear()
+    together = evaluate_students(list(zip(models, (a, b))), teacher, dev, 7, tokenizer, torch.device("cpu"),
+                                 nullcontext())
+    assert len(calls) == n_batches  # once per dev batch, not once per student
+    assert alone[0]["kd_loss"] != alone[1]["kd_loss"]
+    for one, both in zip(alone, together):
+        assert both.keys() == one.keys()
+        for key in one:
+            assert both[key] == pytest.approx(one[key], rel=1e-6), key
+    assert all(m.training for m in models)  # each model back in its mode
+    with pytest.raises(ValueError, match="share batch_size"):
+        evaluate_students([(models[0], a), (models[1], dataclasses.replace(b, batch_size=4))], teacher, dev, 7,
+                          tokenizer, torch.device("cpu"), nullcontext())
+
+
+def test_students_due_for_evaluation_share_the_teacher_pass_over_dev(tiny_teacher, setup, tmp_path, monkeypatch):
+    calls = []
+    teacher_forward = minirbt.mlm_eval.teacher_forward
+    monkeypatch.setattr(minirbt.mlm_eval, "teacher_forward",
+                        lambda *a, **k: calls.append(1) or teacher_forward(*a, **k))
+    summaries = train_students(students_for(tiny_teacher, setup, tmp_path, eval_steps=4, eval_batches=2))
+    for summary in summaries:
+        assert [h["step"] for h in summary["dev_history"]] == [0, 4, 8]
+        assert summary["dev"]["tokens"] == summary["dev_start"]["tokens"] > 0
+    assert summaries[0]["dev"]["student_mlm_loss"] != summaries[1]["dev"]["student_mlm_loss"]
+    # the teacher check (A's step-0 scores), B's step-0 scores, then one pass per evaluation for both students
+    n_batches = min(2, -(-len(load_pretraining_dataset(setup[0])["validation"]) // 8))
+    assert len(calls) == 4 * n_batches
 
 
 def test_students_of_one_pass_must_share_the_teacher_data_and_steps(tiny_teacher, setup, tmp_path):
