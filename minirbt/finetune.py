@@ -31,6 +31,7 @@ from minirbt import stages
 from minirbt.checkpoints import SeedCheckpoints, contiguous, finetuning_kept
 from minirbt.cli import TrainingFlags, check_device, check_ranges, enable_tf32, parse_seeds
 from minirbt.distill import DistillConfig, distill_terms, nonfinite_terms
+from minirbt.dropout import use_cpu_dropout
 from minirbt.host_memory import keep_freed_host_memory
 from minirbt.matches import build_projections, check_matches, encoder_layers, resolve_matches
 from minirbt.modeling import check_model_folder, load_config, load_error, resolve_model, write_model_files
@@ -304,6 +305,7 @@ def fit_seed(args: CommonArguments, task: TaskRun, teacher, config: DistillConfi
     seed = ck.seed
     seed_all(seed)
     model = quiet_load(task.model_class, args.model, **task.load_kw).to(device)
+    use_cpu_dropout(model)  # the same dropout, cheaper CPU masks (minirbt.dropout): an H256 step 710 -> 541 ms
     if teacher is not None:
         check_matches(config.intermediate_matches, teacher.config.num_hidden_layers, model.config.num_hidden_layers,
                       teacher.config.hidden_size, model.config.hidden_size,
