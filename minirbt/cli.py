@@ -191,6 +191,17 @@ def run(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def warn_emulated_bf16(device, bf16: bool) -> None:
+    """``--bf16`` on a GPU before Ampere (V100, T4: compute capability < 8) runs, but emulated: slower than fp32.
+    torch.autocast accepts it silently, so say so once."""
+    import torch
+
+    if bf16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        major, minor = torch.cuda.get_device_capability(device)
+        print(f"warning: --bf16 on {torch.cuda.get_device_name(device)} (compute capability {major}.{minor} < 8.0) "
+              "is emulated and slower than fp32; leave --bf16 off on this GPU", file=sys.stderr, flush=True)
+
+
 def enable_tf32() -> None:
     """fp32 matmuls in TF32 on CUDA (torch's "high" precision): the match projections and losses run outside
     autocast, and fine-tuning defaults to fp32; TF32 keeps fp32's range with a 10-bit mantissa, which BERT

@@ -5,7 +5,8 @@ in this process either ``kill`` itself with SIGKILL (a pre-empted job: no cleanu
 runs) or fail with ``enospc`` (``OSError`` "No space left on device", as a full disk
 raises it). Points: ``checkpoint.model`` (model files of a checkpoint written, its
 training state not yet), ``checkpoint.state`` (both written, not yet renamed into
-place), ``finetune.checkpoint`` (a fine-tuning epoch checkpoint half written).
+place), ``finetune.checkpoint`` (a fine-tuning epoch checkpoint half written), ``run.built`` (a pretraining
+run's models, optimizer and data loaded on this rank, before the ranks wrap the student for DDP).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from minirbt import stages
 from minirbt.checkpoints import SeedCheckpoints, contiguous, finetuning_kept
-from minirbt.cli import TrainingFlags, check_device, check_ranges, enable_tf32, parse_seeds
+from minirbt.cli import TrainingFlags, check_device, check_ranges, enable_tf32, parse_seeds, warn_emulated_bf16
 from minirbt.distill import DistillConfig, distill_terms, nonfinite_terms
 from minirbt.dropout import use_cpu_dropout
 from minirbt.host_memory import keep_freed_host_memory
@@ -209,6 +209,7 @@ def prepare(args: CommonArguments, train_ex: list, dev_ex: list, reports) -> tup
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         enable_tf32()  # fine-tuning runs in fp32 unless --bf16
+        warn_emulated_bf16(device, args.bf16)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     return train_ex, dev_ex, device, autocast, load_tokenizer(args.model)
 

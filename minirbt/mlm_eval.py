@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM
 
 from minirbt.collator import ChineseWWMCollator
+from minirbt.distributed import Dist, on_every_rank
 from minirbt.dropout import ATTENTION
 from minirbt.matches import KD_LOSSES
 from minirbt.pretrain_setup import DistillArguments
@@ -134,13 +135,15 @@ def evaluate_students(students: list[tuple[BertForMaskedLM, DistillArguments]], 
     return results
 
 
-def evaluate_runs(runs: list[Run]) -> list[dict]:
-    """The dev scores of the students of one pass (``minirbt.trainer.Run``), one teacher pass for them all."""
+def evaluate_runs(runs: list[Run], d: Dist) -> list[dict]:
+    """The dev scores of the students of one pass (``minirbt.trainer.Run``), one teacher pass for them all, on
+    rank 0 (the other ranks get []); called on every rank, which all stop if it fails on rank 0."""
     if not runs:
         return []
     first = runs[0]
-    return evaluate_students([(r.student.model, r.args) for r in runs], first.teacher, first.dev_set,
-                             first.args.seed + 1, first.tokenizer, first.device, first.autocast)
+    return on_every_rank(d, lambda: evaluate_students(
+        [(r.student.model, r.args) for r in runs], first.teacher, first.dev_set, first.args.seed + 1,
+        first.tokenizer, first.device, first.autocast) if d.main else [], "the dev evaluation")
 
 
 def evaluate(student: BertForMaskedLM, teacher: BertForMaskedLM | None, dev, collator_seed: int, tokenizer,

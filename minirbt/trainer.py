@@ -37,11 +37,13 @@ from transformers import BertForMaskedLM
 
 from minirbt import stages
 from minirbt.checkpoints import checkpoints, load_checkpoint_state, pretraining_kept, save_checkpoint
-from minirbt.cli import check_device
+from minirbt.cli import check_device, warn_emulated_bf16
 from minirbt.collator import ChineseWWMCollator
 from minirbt.data import load_pretraining_dataset
 from minirbt.distill import DistillConfig, distill_terms, mlm_adaptor, nonfinite_values, term_values
+from minirbt.distributed import Dist, on_every_rank, setup_distributed, wrap_ddp
 from minirbt.dropout import use_cpu_dropout
+from minirbt.faults import fault_point
 from minirbt.host_memory import keep_freed_host_memory
 from minirbt.matches import build_projections, encoder_layers, student_features
 from minirbt.mlm_eval import check_teacher, evaluate_runs, host_batch, masked_lm_forward, teacher_forward, to_device
@@ -49,14 +51,11 @@ from minirbt.modeling import load_config, load_mlm, write_model_files
 from minirbt.optim import Optimization
 from minirbt.pretrain_setup import (
     SUMMARY_NAME,
-    Dist,
     DistillArguments,
     Plan,
     check_one_pass,
     finished_summary,
-    on_every_rank,
     plan_runs,
-    setup_distributed,
     take_run,
 )
 from minirbt.step_batches import step_loader, sub_seed
@@ -194,11 +193,7 @@ def build_run(args: DistillArguments, d: Dist, device: torch.device, config: Dis
     if frozen and d.main:
         print(f"{len(frozen)} parameter tensors get no gradient from this run's losses and keep their values "
               f"(e.g. {', '.join(frozen[:3])})", flush=True)
-    if d.world > 1:
-        # The buffers (position ids) never change: no broadcast each forward. Gradients live in DDP's buckets.
-        run.ddp_student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            gradient_as_bucket_view=True)
+    fault_point("run.built")
     return run
 
 
@@ -269,15 +264,16 @@ def forward_backward(runs: list[Run], batches: list[dict]) -> list[tuple[list[st
 
 def update(run: Run, names: list[str], total: torch.Tensor) -> tuple[dict[str, float], float, bool]:
     """Clip, then apply the step, or skip it (--on_nonfinite skip) or stop (stop) when any rank saw a NaN/inf;
-    every rank decides after the same all-reduce. The schedule advances either way. The step's one read-back
-    from the device is here. Returns (terms, gradient norm, skipped)."""
+    every rank decides after the same all-reduce, which also averages the terms over the ranks (what one process
+    with accumulation logs). The schedule advances either way. The step's one read-back from the device is
+    here. Returns (terms, gradient norm, skipped)."""
     args, d = run.args, run.d
-    grad_norm = run.optimization.clip()
-    stats = torch.cat([total, grad_norm.detach().float().reshape(1).to(total.device)])
-    flag = (~torch.isfinite(stats)).any().float().reshape(1)
-    if d.world > 1:  # every rank takes the same decision
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    *values, norm, any_bad = torch.cat([stats, flag]).tolist()
+    grad_norm = run.optimization.clip().detach().float().reshape(1).to(total.device)  # equal on every rank
+    local_bad = (~torch.isfinite(torch.cat([total, grad_norm]))).any().float().reshape(1)
+    shared = torch.cat([total / d.world, local_bad])
+    if d.world > 1:  # a sum: the terms' mean, and > 0 where any rank saw a NaN/inf (which then shows in the mean)
+        dist.all_reduce(shared)
+    *values, any_bad, norm = torch.cat([shared, grad_norm]).tolist()
     terms = dict(zip(names, values))
     bad_terms = nonfinite_values(terms)
     bad = bad_terms + ([] if math.isfinite(norm) else [f"gradient norm = {norm}"])
@@ -358,6 +354,8 @@ def train_students(students: list[DistillArguments]) -> list[dict]:
     check_device(first.device)
     keep_freed_host_memory()  # no page faults on a step's own activations (minirbt.host_memory)
     d, device = setup_distributed(first.device)  # first: a check that fails on one node must stop every node
+    if d.main:
+        warn_emulated_bf16(device, first.bf16)
     plans = plan_runs(students, d)
     summaries: list[dict | None] = [finished_summary(p.args) if p.claim.state == "done" else None for p in plans]
     todo = [p for p in plans if p.claim.state != "done"]
@@ -369,6 +367,8 @@ def train_students(students: list[DistillArguments]) -> list[dict]:
         runs = [on_every_rank(d, lambda p=p, c=c: build_run(p.args, d, device, c, p.claim.state == "resume",
                                                             teacher), f"loading {p.args.output_dir}")
                 for p, c in zip(todo, configs)]
+        for run in runs:  # after every rank has built its run: DDP's constructor has collectives of its own
+            run.ddp_student = wrap_ddp(run.student, d, device)
         done = iter(train_runs(runs, todo, d))
         summaries = [s if s is not None else next(done) for s in summaries]
     if d.world > 1:
@@ -390,11 +390,11 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
     for plan in plans:
         take_run(plan.claim, plan.request, d)
     start_evals: list[dict] = [{} for _ in runs]
-    fresh = [i for i, r in enumerate(runs) if r.dev_set is not None and d.main and r.step == 0]
-    if checked_by in fresh:  # the check ran on the dev split: its scores are that student's step-0 evaluation
+    fresh = [i for i, r in enumerate(runs) if r.dev_set is not None and r.step == 0]
+    if checked_by in fresh and d.main:  # the check ran on the dev split: its scores are that student's step 0
         start_evals[checked_by] = checked
     rest = [i for i in fresh if i != checked_by]
-    for i, ev in zip(rest, evaluate_runs([runs[i] for i in rest])):
+    for i, ev in zip(rest, evaluate_runs([runs[i] for i in rest], d)):
         start_evals[i] = ev
     progress = [Progress(run, name=Path(run.args.output_dir).name if len(runs) > 1 else "distill") for run in runs]
     for run, prog, ev in zip(runs, progress, start_evals):
@@ -416,9 +416,8 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
                 runs[i].step += 1
                 progress[i].step(terms, grad_norm, skipped)
             # the students due share one teacher pass over the dev set; their scores go into their checkpoints
-            scored = [i for i in active if runs[i].dev_set is not None and due(runs[i], runs[i].args.eval_steps)
-                      and d.main]
-            for i, ev in zip(scored, evaluate_runs([runs[i] for i in scored])):
+            scored = [i for i in active if runs[i].dev_set is not None and due(runs[i], runs[i].args.eval_steps)]
+            for i, ev in zip(scored, evaluate_runs([runs[i] for i in scored], d)):
                 last_evals[i] = ev
                 progress[i].dev(ev)
             for i in active:
@@ -443,8 +442,8 @@ def train_runs(runs: list[Run], plans: list[Plan], d: Dist) -> list[dict]:
                    "world_size": d.world, "matches": plan.matches, "seconds": seconds, "dev_start": ev0,
                    "dev": ev, "history": run.history, "dev_history": run.dev_history, "skipped_steps": run.skipped,
                    "trained_with": [r.args.output_dir for r in runs if r is not run], "args": asdict(args)} | steady
-        if d.main:
-            write_final(run, summary)
+        on_every_rank(d, lambda run=run, summary=summary: write_final(run, summary) if d.main else None,
+                      f"writing the final model in {run.out}")
         prog.close()
         summaries.append(summary)
     return summaries

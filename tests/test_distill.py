@@ -123,7 +123,7 @@ def test_dataloader_workers_change_nothing_but_where_batches_are_made(tiny_teach
 def test_bf16_keeps_the_frozen_teacher_in_bf16(tiny_teacher, dataset, student_config, tmp_path):
     """Under --bf16 the teacher is cast once (autocast would cast its fp32 weights at every forward); the student
     and its optimizer stay fp32."""
-    from minirbt.pretrain_setup import setup_distributed
+    from minirbt.distributed import setup_distributed
     from minirbt.trainer import build_run
 
     args = args_for(tiny_teacher, dataset, student_config, tmp_path / "x", bf16=True)
@@ -178,6 +178,12 @@ def one_process_equals_two(common: list, tmp_path, port: int) -> dict:
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # the logged curves too: each step's terms averaged over both ranks' micro-batches, not rank 0's alone
+    one, two = (json.loads((tmp_path / n / "minirbt_training.json").read_text())["history"] for n in ("one", "two"))
+    assert len(one) == len(two) > 0 and all(e.keys() == f.keys() for e, f in zip(one, two))
+    for e, f in zip(one, two):
+        for k, v in e.items():
+            assert v == pytest.approx(f[k], rel=1e-4, abs=1e-6), (e["step"], k)
     return a
 
 
@@ -468,6 +474,31 @@ def test_matches_only_distillation_on_two_processes_equals_one(tiny_teacher, dat
                            init["bert.encoder.layer.0.attention.self.query.weight"])
 
 
+def test_a_rank_that_fails_while_loading_stops_every_node_with_its_message(tiny_teacher, dataset, student_config,
+                                                                           tmp_path):
+    """Node 1 fails after loading its run (a disk error), before the student is wrapped for DDP: node 0 must stop
+    naming rank 1's error, not wait inside DDP's constructor for a peer that never comes."""
+    base = ["--teacher", str(tiny_teacher), "--dataset", str(dataset), "--student_config", str(student_config),
+            "--matches", MATCHES, "--batch_size", "4", "--max_steps", "2", "--save_steps", "2", "--eval_steps", "0",
+            "--seed", "7", "--min_teacher_accuracy", "0", "--output_dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINIRBT_DIST_TIMEOUT_MINUTES="3")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                               "29551", str(ROOT / "pretraining/train.py"), *base],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env | ({"MINIRBT_FAULT": "run.built:1:enospc"} if rank else {}))
+             for rank in (0, 1)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode != 0 for p in procs)
+    err0 = results[0][1]
+    assert "failed on rank 1 (of 2): OSError" in err0 and "No space left" in err0, err0[-2000:]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_nodes_that_see_different_output_folders_stop_together(tiny_teacher, dataset, student_config, tmp_path):
     """Node-local disks: node 0 finds a checkpoint, node 1 an empty folder. Both must stop with the
     shared-filesystem message (not hang, not train different loops), and node 0's checkpoint stays as it was."""
@@ -531,7 +562,8 @@ class HostSyncs(torch.overrides.TorchFunctionMode):
 
 def test_host_syncs_per_step_do_not_grow_with_loss_terms_or_accumulation(tiny_teacher, dataset, student_config,
                                                                          tmp_path):
-    from minirbt.pretrain_setup import Dist, check_inputs, run_matches
+    from minirbt.distributed import Dist
+    from minirbt.pretrain_setup import check_inputs, run_matches
     from minirbt.step_batches import StepBatches
     from minirbt.trainer import build_run, forward_backward, update
 
